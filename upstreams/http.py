@@ -1,0 +1,219 @@
+"""HTTP sources: GET one JSON document from an upstream service, through aiohttp or httpx.
+
+Both clients sit behind the same contract. A call is `GET base_url + call.target`, where the
+target is already percent-encoded (`Template.render_path`) and is sent byte for byte; query
+values are percent-encoded here. There is no client-level timeout: the timeout policy's
+`asyncio.timeout` around the call bounds it, and its `TimeoutError` passes through untouched.
+Redirects are not followed, so a response can never move a call to another host; a 3xx is a
+failure status like any other non-2xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from urllib.parse import quote
+
+import aiohttp
+import httpx
+import orjson
+import yarl
+from multidict import CIMultiDict
+
+from gateway.config import HttpSourceConfig, PropagationConfig
+from gateway.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable
+from gateway.templates import scalar_text
+from gateway.types import JSON, Call, Upstream
+
+PING_TIMEOUT_S = 1.0
+DEFAULT_PROPAGATION = PropagationConfig()
+
+
+async def http_source(
+    name: str, cfg: HttpSourceConfig, propagation: PropagationConfig = DEFAULT_PROPAGATION
+) -> Upstream:
+    """Start one HTTP source: its keep-alive pool and the functions to call, probe and close it.
+
+    Every call carries the request id and the remaining budget in `propagation`'s headers.
+    """
+    if cfg.client == "httpx":
+        return _httpx_upstream(name, cfg, propagation)
+    return _aiohttp_upstream(name, cfg, propagation)
+
+
+@contextmanager
+def map_errors(source: str) -> Iterator[None]:
+    """Translate aiohttp, httpx and socket errors into `SourceError`s; let all else through."""
+    try:
+        yield
+    except TimeoutError:
+        # The deadline policy's (or aiohttp's, which subclass it): mapped to SourceTimeout outside.
+        # CancelledError is a BaseException and is never caught here; nor is anything that is
+        # not a network or protocol error, because that is a bug.
+        raise
+    except (aiohttp.ClientConnectorError, httpx.ConnectError) as exc:
+        raise SourceUnavailable(f"{source}: cannot connect: {exc}", connect=True) from exc
+    except httpx.TimeoutException as exc:
+        raise SourceTimeout(f"{source}: {type(exc).__name__}") from exc
+    except (aiohttp.ClientError, httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+        raise SourceUnavailable(f"{source}: {type(exc).__name__}: {exc}") from exc
+
+
+# --- aiohttp (the default) -------------------------------------------------------------------
+
+
+def _aiohttp_upstream(name: str, cfg: HttpSourceConfig, prop: PropagationConfig) -> Upstream:
+    connector = aiohttp.TCPConnector(
+        limit=cfg.pool.max, limit_per_host=0, keepalive_timeout=cfg.pool.keepalive_s
+    )
+    session = aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(), auto_decompress=True
+    )
+    base, static, max_bytes = cfg.base_url, CIMultiDict(cfg.headers), cfg.max_bytes
+    root = yarl.URL(base + "/", encoded=True)
+
+    async def get(call: Call) -> JSON:
+        url = yarl.URL(_url(base, call), encoded=True)
+        with map_errors(name):
+            async with session.get(
+                url, headers=_headers(static, call, prop), allow_redirects=False
+            ) as resp:
+                _check(name, resp.status, resp.content_length, max_bytes)
+                body = await _read(name, resp.content.iter_any(), max_bytes)
+        return _decode(name, resp.status, body)
+
+    async def ping() -> None:
+        async with _ping_bound(name):
+            with map_errors(name):
+                async with session.get(root, allow_redirects=False):
+                    pass
+
+    def pool_stats() -> Mapping[str, int]:
+        # aiohttp has no public counters; these two attributes have been stable through 3.x.
+        in_use = getattr(connector, "_acquired", ())
+        idle = getattr(connector, "_conns", {})
+        return {
+            "limit": connector.limit,
+            "in_use": len(in_use),
+            "idle": sum(len(conns) for conns in idle.values()),
+        }
+
+    return Upstream(call=get, close=session.close, ping=ping, pool_stats=pool_stats)
+
+
+# --- httpx (`client: httpx`, e.g. for HTTP/2) ------------------------------------------------
+
+
+def _httpx_upstream(name: str, cfg: HttpSourceConfig, prop: PropagationConfig) -> Upstream:
+    limits = httpx.Limits(
+        max_connections=cfg.pool.max,
+        max_keepalive_connections=cfg.pool.max,
+        keepalive_expiry=cfg.pool.keepalive_s,
+    )
+    transport = httpx.AsyncHTTPTransport(http2=cfg.http2, limits=limits)
+    # trust_env=False: no proxy or .netrc from the environment may redirect or alter a call.
+    client = httpx.AsyncClient(
+        transport=transport, timeout=None, follow_redirects=False, trust_env=False
+    )
+    base, static, max_bytes = cfg.base_url, CIMultiDict(cfg.headers), cfg.max_bytes
+    root = httpx.URL(base + "/")
+
+    async def get(call: Call) -> JSON:
+        # httpx keeps existing %XX escapes as they are and only drops literal `.`/`..`
+        # segments, which rendered values cannot produce (path_segment escapes them).
+        url = httpx.URL(_url(base, call))
+        with map_errors(name):
+            async with client.stream("GET", url, headers=_headers(static, call, prop)) as resp:
+                length = resp.headers.get("content-length", "")
+                _check(name, resp.status_code, int(length) if length.isdigit() else None, max_bytes)
+                body = await _read(name, resp.aiter_bytes(), max_bytes)
+        return _decode(name, resp.status_code, body)
+
+    async def ping() -> None:
+        async with _ping_bound(name):
+            with map_errors(name):
+                async with client.stream("GET", root):
+                    pass
+
+    def pool_stats() -> Mapping[str, int]:
+        # The transport's pool is httpcore's; `connections` is public there, `_pool` is not.
+        pool = getattr(transport, "_pool", None)
+        conns = list(getattr(pool, "connections", ()))
+        idle = sum(1 for c in conns if c.is_idle())
+        return {"limit": cfg.pool.max, "in_use": len(conns) - idle, "idle": idle}
+
+    return Upstream(call=get, close=client.aclose, ping=ping, pool_stats=pool_stats)
+
+
+# --- shared by both clients ------------------------------------------------------------------
+
+
+def _url(base: str, call: Call) -> str:
+    """Return the call's URL: the target as given, then every query key and value escaped."""
+    if not call.target.startswith("/"):
+        # base + "@host/..." would change the host; templates always start with "/".
+        raise ValueError(f"call target must start with '/': {call.target!r}")
+    if not call.params:
+        return base + call.target
+    query = "&".join(
+        f"{quote(str(k), safe='')}={quote(scalar_text(v), safe='')}" for k, v in call.params.items()
+    )
+    return f"{base}{call.target}{'&' if '?' in call.target else '?'}{query}"
+
+
+def _headers(static: CIMultiDict[str], call: Call, prop: PropagationConfig) -> CIMultiDict[str]:
+    """Return the source's headers, overridden by the call's, plus request id and deadline."""
+    headers = static.copy()
+    if call.headers:
+        headers.update(call.headers)
+    if call.request_id:
+        headers[prop.request_id_header] = call.request_id
+    if math.isfinite(call.deadline):
+        remaining = call.deadline - asyncio.get_running_loop().time()
+        headers[prop.deadline_header] = str(max(0, int(remaining * 1000)))
+    return headers
+
+
+def _check(source: str, status: int, length: int | None, max_bytes: int) -> None:
+    """Raise for a failure status, or for a body declared larger than `max_bytes`."""
+    if status == 404:
+        raise NotFound(f"{source}: HTTP 404")
+    if not 200 <= status < 300:
+        raise SourceUnavailable(f"{source}: HTTP {status}", status=status)
+    if length is not None and length > max_bytes:
+        raise BadPayload(f"{source}: body of {length} bytes is over max_bytes ({max_bytes})")
+
+
+async def _read(source: str, chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
+    """Return the whole body, stopping (and failing) as soon as it grows past `max_bytes`."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            # Leaving the response unread makes both clients close this connection, not reuse it.
+            raise BadPayload(f"{source}: body is over max_bytes ({max_bytes})")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _decode(source: str, status: int, body: bytes) -> JSON:
+    """Return the decoded JSON body (None for 204 No Content)."""
+    if status == 204:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadPayload(f"{source}: body is not JSON: {exc}") from None
+
+
+@asynccontextmanager
+async def _ping_bound(source: str) -> AsyncIterator[None]:
+    """Bound a ping by `PING_TIMEOUT_S`, failing with `SourceTimeout` when it runs out."""
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_S):
+            yield
+    except TimeoutError:
+        raise SourceTimeout(f"{source}: no answer to ping within {PING_TIMEOUT_S:g} s") from None
