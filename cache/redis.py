@@ -1,0 +1,357 @@
+"""The Redis store, standalone or Cluster: every operation under its own timeout, every driver
+error translated into `CacheUnavailable`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from hashlib import blake2b
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
+
+try:
+    from redis.driver_info import DriverInfo
+except ImportError:  # redis-py < 7 reads its version once at import; nothing to hoist there.
+    DriverInfo = None  # type: ignore[assignment,misc]
+
+from cache.near import OnPurge
+from cache.store import CacheUnavailable
+
+MAX_CONNECTIONS = 32
+"""Connections per process (per node for a cluster); past it, callers wait up to the op timeout."""
+
+DISCOVERY_TIMEOUT_S = 5.0
+"""Finding a cluster's nodes (CLUSTER SLOTS, COMMAND) may take this long, in the background."""
+
+ADMIN_TIMEOUT_S = 2.0
+"""Purges are rare and may touch many keys; they get this much time instead of the op timeout."""
+
+HEALTH_CHECK_S = 5.0
+"""A quiet purge subscription is pinged this often, so a dead connection is noticed."""
+
+# An entry and its lock share a hash tag (one slot), so storing the entry and releasing the lock
+# is one atomic script; a tag set lives in its tag's own slot and is only ever touched alone.
+_PUT_AND_UNLOCK = """
+redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+if ARGV[3] ~= '' and redis.call('get', KEYS[2]) == ARGV[3] then redis.call('del', KEYS[2]) end
+return 1
+"""
+# A tag set must outlive the longest entry in it, and never shorten another entry's life.
+_TAG = """
+redis.call('sadd', KEYS[1], ARGV[1])
+if redis.call('pttl', KEYS[1]) < tonumber(ARGV[2]) then redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 1
+"""
+# Taken again by the token that holds it: an acquire that timed out on our side may have
+# taken the lock, and its owner's next poll must not wait for itself.
+_ACQUIRE = """
+local got = redis.call('set', KEYS[2], ARGV[1], 'nx', 'px', ARGV[2])
+if not got and redis.call('get', KEYS[2]) == ARGV[1] then
+  got = redis.call('set', KEYS[2], ARGV[1], 'xx', 'px', ARGV[2])
+end
+return {got and 1 or 0, redis.call('get', KEYS[1])}
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+T = TypeVar("T")
+
+
+class RedisStore:
+    """A `Store` on one Redis client (standalone or Cluster), keys under one prefix."""
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        prefix: str,
+        op_timeout_s: float,
+        subscriber: Callable[[], Redis] | None = None,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("a Redis key prefix must not contain braces (Cluster hash tags)")
+        self._client = client
+        self._prefix = prefix
+        # Classic pub/sub reaches every node of a Cluster, so one plain connection hears it all.
+        self._subscriber = subscriber
+        self._channel = f"{prefix}purged"
+        self._timeout = op_timeout_s
+        # redis-py's async Cluster client has no blocking pool (redis/redis-py#2522): past
+        # max_connections on a node it raises. Capping operations in flight makes callers queue
+        # instead, within their op timeout, as BlockingConnectionPool does for one server.
+        self._in_flight = (
+            asyncio.Semaphore(MAX_CONNECTIONS) if isinstance(client, RedisCluster) else None
+        )
+        self._discovery: asyncio.Task[None] | None = None
+        self._abandoned: set[asyncio.Task[Any]] = set()
+
+    async def get(self, key: str) -> bytes | None:
+        """Return the bytes stored under `key`, or None when there are none."""
+        data = await self._run("get", lambda: self._client.get(self._entry(key)))
+        # The clients are made without decode_responses, so values come back as bytes.
+        return data if data is None or isinstance(data, bytes) else data.encode()
+
+    async def put(
+        self, key: str, data: bytes, keep_s: float, tags: Sequence[str], unlock: str = ""
+    ) -> None:
+        """Store `data` for `keep_s` seconds, add `key` to its tags' sets, release `unlock`."""
+        keep_ms = max(1, int(keep_s * 1000))
+
+        async def work() -> object:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.eval(_PUT_AND_UNLOCK, 2, self._entry(key), self._lock(key), data, keep_ms, unlock)
+            for tag in tags:
+                pipe.eval(_TAG, 1, self._tag(tag), key, keep_ms)
+            return await pipe.execute()
+
+        await self._run("put", work)
+
+    async def acquire(self, key: str, token: str, hold_s: float) -> tuple[bool, bytes | None]:
+        """Take the lock on `key` (SET NX PX) unless another token holds it; return whether it was
+        taken and the entry's bytes, read in the same script (entry and lock share a slot)."""
+        hold_ms = max(1, int(hold_s * 1000))
+        got, data = await self._run(
+            "acquire",
+            lambda: self._client.eval(
+                _ACQUIRE, 2, self._entry(key), self._lock(key), token, hold_ms
+            ),
+        )
+        return bool(got), data
+
+    async def release(self, key: str, token: str) -> bool:
+        """Release the lock on `key` if `token` holds it (compare-and-delete); return whether."""
+        done = await self._run(
+            "release", lambda: self._client.eval(_RELEASE, 1, self._lock(key), token)
+        )
+        return bool(done)
+
+    async def purge(self, keys: Sequence[str], tags: Sequence[str]) -> int:
+        """Delete the given keys and every key in the tags' sets, whoever wrote them; count them."""
+
+        async def work() -> int:
+            doomed = set(keys)
+            for tag in tags:
+                members = await self._client.smembers(self._tag(tag))
+                doomed |= {m.decode() if isinstance(m, bytes) else m for m in members}
+            pipe = self._client.pipeline(transaction=False)
+            # One DEL per key: a Cluster pipeline routes each to its slot; a multi-key DEL can't.
+            for key in sorted(doomed):
+                pipe.delete(self._entry(key))
+            for tag in tags:
+                pipe.delete(self._tag(tag))
+            deleted = await pipe.execute()
+            # Every instance's near tier may hold what was just deleted.
+            await self._client.publish(
+                self._channel, orjson.dumps({"keys": sorted(doomed), "tags": list(tags)})
+            )
+            return sum(deleted[: len(doomed)])
+
+        return await self._run("purge", work, ADMIN_TIMEOUT_S)
+
+    async def listen(self, on_purge: OnPurge, on_ready: Callable[[], None]) -> None:
+        """Subscribe to the purges every instance announces: call `on_ready` once subscribed,
+        then `on_purge` with each purge's keys and tags; raise `CacheUnavailable` once the
+        subscription is lost (or a message cannot be read)."""
+        if self._subscriber is None:
+            raise CacheUnavailable("redis listen: this store has no subscriber connection")
+        client = self._subscriber()
+        pubsub = client.pubsub()
+        try:
+            async with asyncio.timeout(ADMIN_TIMEOUT_S):
+                await pubsub.subscribe(self._channel)
+                # Only the server's confirmation proves that later purges will reach us.
+                while await pubsub.get_message(timeout=ADMIN_TIMEOUT_S) is None:
+                    pass
+            on_ready()
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    on_purge(*_purge_of(message.get("data")))
+        except (*_FAILURES, ValueError) as exc:
+            raise CacheUnavailable(f"redis listen: {exc!r}") from exc
+        finally:
+            try:
+                await pubsub.aclose()
+                await client.aclose()
+            except _FAILURES:
+                pass  # A dead server's sockets are gone already.
+
+    async def ping(self) -> None:
+        """Return when Redis answers PING within the op timeout; raise `CacheUnavailable` if not."""
+        await self._run("ping", self._client.ping)
+
+    def pool_stats(self) -> dict[str, int]:
+        """Return connections lent out and idle (standalone; a Cluster reports operations in
+        flight), and operations given up on that are still finishing."""
+        abandoned = len(self._abandoned)
+        if isinstance(self._client, RedisCluster) or self._in_flight is not None:
+            busy = MAX_CONNECTIONS - self._in_flight._value if self._in_flight else 0
+            return {"in_use": busy, "abandoned": abandoned}
+        pool = self._client.connection_pool
+        in_use = len(getattr(pool, "_in_use_connections", ()))
+        idle = len(getattr(pool, "_available_connections", ()))
+        return {"in_use": in_use, "idle": idle, "abandoned": abandoned}
+
+    async def close(self) -> None:
+        """Finish abandoned operations, then close the client and its connection pool."""
+        if self._discovery is not None:
+            self._discovery.cancel()
+        pending = [*self._abandoned, *([self._discovery] if self._discovery else [])]
+        if pending:
+            await asyncio.wait(pending, timeout=ADMIN_TIMEOUT_S)
+        try:
+            await self._client.aclose()
+        except _FAILURES:
+            pass  # A dead server's sockets are gone already; there is nothing left to close.
+
+    async def _run(
+        self, name: str, work: Callable[[], Awaitable[T]], timeout_s: float | None = None
+    ) -> T:
+        """Return what `work` returns if Redis answers within the op timeout, or raise
+        `CacheUnavailable` at that timeout at the latest."""
+        task = asyncio.ensure_future(self._admitted(work))
+        try:
+            done, _ = await asyncio.wait((task,), timeout=timeout_s or self._timeout)
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+        if not done:
+            # Cancelled but not awaited: redis-py's clean-up of a cancelled read was seen to wait
+            # for the server's reply (a stalled server: the whole stall), and the caller must not.
+            self._abandon(task)
+            raise CacheUnavailable(f"redis {name}: timed out")
+        try:
+            return task.result()
+        except _FAILURES as exc:
+            raise CacheUnavailable(f"redis {name}: {exc!r}") from exc
+
+    async def _admitted(self, work: Callable[[], Awaitable[T]]) -> T:
+        if self._in_flight is None:
+            return await work()
+        await self._discover()
+        async with self._in_flight:
+            return await work()
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+        task.add_done_callback(_retrieve)
+
+    async def _discover(self) -> None:
+        """Wait (within the caller's op timeout) for the cluster's nodes to be known.
+
+        Discovery runs as one background task that outlives the op timeouts of the callers who
+        wait for it: on a busy host it can take longer than 20 ms, and if every caller's timeout
+        cancelled it, the cache would never come back. Commands are only let through once it is
+        done: commands that race the client's own discovery were seen (redis-py 8.1) to be sent
+        on connections it closes meanwhile (AttributeError on a None writer).
+        """
+        client = self._client
+        if not isinstance(client, RedisCluster) or not getattr(client, "_initialize", False):
+            return
+        if self._discovery is None or self._discovery.done():
+            self._discovery = asyncio.create_task(_initialize(client))
+            self._discovery.add_done_callback(_retrieve)
+        await asyncio.shield(self._discovery)
+
+    def _entry(self, key: str) -> str:
+        return f"{self._prefix}{{{_slot_tag(key)}}}:e"
+
+    def _lock(self, key: str) -> str:
+        return f"{self._prefix}{{{_slot_tag(key)}}}:l"
+
+    def _tag(self, tag: str) -> str:
+        return f"{self._prefix}{{t:{_slot_tag(tag)}}}:t"
+
+
+async def _initialize(client: RedisCluster) -> None:
+    async with asyncio.timeout(DISCOVERY_TIMEOUT_S):
+        await client.initialize()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # Its failure reached its callers, or nobody waits any more: either way it must not be
+    # logged as "never retrieved".
+    if not task.cancelled():
+        task.exception()
+
+
+def _purge_of(data: object) -> tuple[list[str], list[str]]:
+    """Return the keys and tags of a purge message; raise `ValueError` if it is not one."""
+    doc = orjson.loads(data) if isinstance(data, bytes | str) else None
+    if not isinstance(doc, dict):
+        raise ValueError(f"not a purge message: {data!r:.80}")
+    keys, tags = doc.get("keys"), doc.get("tags")
+    if not isinstance(keys, list) or not isinstance(tags, list):
+        raise ValueError(f"not a purge message: {data!r:.80}")
+    return [str(k) for k in keys], [str(t) for t in tags]
+
+
+def _subscriber_of(url: str) -> Callable[[], Redis]:
+    """Return a maker of one plain connection for the purge subscription of `url`'s server."""
+    parts = urlsplit(url)
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": 1.0,
+        "health_check_interval": HEALTH_CHECK_S,
+        # redis-py would reconnect and resubscribe by itself, hiding the purges sent meanwhile;
+        # a loss must reach the near tier, which then forgets what it holds.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if parts.scheme == "redis+cluster":
+        return lambda: Redis(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            **kwargs,
+        )
+    return lambda: Redis.from_url(url, **kwargs)
+
+
+def _slot_tag(name: str) -> str:
+    # A digest, not the name itself: names may hold braces, which would move the hash tag.
+    return blake2b(name.encode(), digest_size=10).hexdigest()
+
+
+def redis_store(url: str, prefix: str, op_timeout_s: float) -> RedisStore:
+    """Return a store for `redis://`, `rediss://` or `redis+cluster://host:port` (no I/O yet)."""
+    parts = urlsplit(url)
+    client: Redis | RedisCluster
+    if parts.scheme == "redis+cluster":
+        client = RedisCluster(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            max_connections=MAX_CONNECTIONS,
+            socket_connect_timeout=1.0,
+            socket_timeout=1.0,
+        )
+    else:
+        # The default pool raises past max_connections; a blocking one makes callers queue, and
+        # its wait is capped by the op timeout like everything else.
+        extra = {}
+        if DriverInfo is not None:
+            # Resolved once here: left to each new connection, it costs an importlib.metadata
+            # lookup (~2 ms of CPU), which a burst of connects pays inside a 20 ms op timeout.
+            extra["driver_info"] = DriverInfo()
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=op_timeout_s,
+            socket_connect_timeout=1.0,
+            socket_timeout=1.0,
+            **extra,
+        )
+        client = Redis.from_pool(pool)
+    return RedisStore(client, prefix, op_timeout_s, _subscriber_of(url))
