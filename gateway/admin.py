@@ -1,0 +1,192 @@
+"""The admin API under `/admin`: effective config, reload, live per-source statistics, dashboard
+and cache purge, behind `Authorization: Bearer $GATEWAY_ADMIN_TOKEN`.
+
+Without a token there is no admin at all (404): an open admin is worse than none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cache.store import CacheUnavailable
+from gateway.config import redact_text
+from gateway.diagnostics import memory_report, process_report
+from gateway.errors import ConfigError, SourceError
+from gateway.metrics import live_samples
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.runtime import Runtime
+
+TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
+
+_log = structlog.get_logger("gateway.admin")
+
+
+class PurgeRequest(BaseModel):
+    """What to remove from the cache: composite keys, or every key under some tags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[str] = Field(default_factory=list, max_length=10_000)
+    tags: list[str] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _something(self) -> PurgeRequest:
+        if not self.keys and not self.tags:
+            raise ValueError("give keys or tags (or both)")
+        return self
+
+
+def token_from_env() -> str | None:
+    """Return the admin token, or None when admin is disabled (unset or empty)."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def authorizer(token: str) -> Any:
+    """Return the dependency that lets a request through only with the admin token.
+
+    The token comes in `Authorization: Bearer ...`; the dashboard page, which a browser opens
+    by URL, may carry it as `?token=` instead (query strings stay out of our access log).
+    """
+    expected = token.encode()
+
+    async def authorize(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer":
+            given = request.query_params.get("token", "") if request.method == "GET" else ""
+        # compare_digest: how long the comparison takes says nothing about the token.
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            raise HTTPException(
+                401,
+                "admin needs Authorization: Bearer <token>",
+                headers={"www-authenticate": 'Bearer realm="gateway admin"'},
+            )
+
+    return authorize
+
+
+def router(gw: Gateway, token: str) -> APIRouter:
+    """Return the admin routes for `gw`, each behind the token."""
+    api = APIRouter(
+        prefix="/admin", dependencies=[Depends(authorizer(token))], include_in_schema=False
+    )
+
+    @api.get("/config")
+    async def config() -> JSONResponse:
+        """The effective config, every secret replaced by ***."""
+        return JSONResponse({"file": gw.loaded.file, "config": gw.loaded.redacted()})
+
+    @api.post("/reload")
+    async def reload() -> JSONResponse:
+        """Validate the config file again and swap to it; a bad file changes nothing (400)."""
+        old = gw.current()
+        try:
+            new = await gw.reload()
+        except ConfigError as exc:
+            _log.warning("config_reload_refused", problems=[str(p) for p in exc.problems])
+            return JSONResponse(
+                {"error": "invalid config", "problems": [str(p) for p in exc.problems]},
+                status_code=400,
+            )
+        except SourceError as exc:
+            detail = redact_text(str(exc), gw.loaded.secrets)
+            _log.warning("config_reload_failed", error=detail)
+            return JSONResponse(
+                {"error": "a new source could not start", "detail": detail}, status_code=502
+            )
+        return JSONResponse({"status": "reloaded", "file": new.loaded.file, **changes(old, new)})
+
+    @api.get("/sources")
+    async def sources() -> JSONResponse:
+        """Live statistics of every source over the sliding window."""
+        return JSONResponse(sources_report(gw.current()))
+
+    @api.get("/debug/memory")
+    async def memory(limit: int = Query(10, ge=1, le=100)) -> JSONResponse:
+        """tracemalloc's largest allocation sites; 409 unless the gateway runs with
+        GATEWAY_TRACEMALLOC=1."""
+        # In a thread: grouping a snapshot's traces takes a second or so of Python, which on
+        # the event loop would hold every request in flight past its deadline.
+        report = await asyncio.to_thread(memory_report, limit)
+        if report is None:
+            return JSONResponse(
+                {"error": "tracemalloc is off: start the gateway with GATEWAY_TRACEMALLOC=1"},
+                status_code=409,
+            )
+        return JSONResponse(report)
+
+    @api.get("/dashboard")
+    async def dashboard() -> HTMLResponse:
+        """The operator's dashboard page (it polls /admin/sources)."""
+        return HTMLResponse(DASHBOARD, headers={"cache-control": "no-store"})
+
+    @api.post("/cache/purge")
+    async def purge(body: PurgeRequest) -> JSONResponse:
+        """Remove cached answers by key or by tag; returns how many keys were removed."""
+        try:
+            removed = await gw.current().cache.purge(keys=body.keys, tags=body.tags)
+        except CacheUnavailable as exc:
+            return JSONResponse({"error": "cache unavailable", "detail": str(exc)}, status_code=503)
+        return JSONResponse({"removed": removed})
+
+    return api
+
+
+def changes(old: Runtime, new: Runtime) -> dict[str, list[str]]:
+    """Return which sources a reload kept (same pool), opened, and will close after the grace."""
+    kept = [n for n, u in new.upstreams.items() if old.upstreams.get(n) is u]
+    opened = [n for n in new.upstreams if n not in kept]
+    kept_ids = {id(u) for u in new.upstreams.values()}
+    closing = [n for n, u in old.upstreams.items() if id(u) not in kept_ids]
+    return {"kept": kept, "opened": opened, "closing": closing}
+
+
+def sources_report(rt: Runtime) -> dict[str, Any]:
+    """Return every source's window statistics with its kind, breaker state and pool usage, and
+    the process's own: asyncio tasks, RSS and the cache's connections."""
+    live: dict[str, dict[str, float]] = {}
+    for metric, source, value in live_samples(rt):
+        live.setdefault(source, {})[metric.removeprefix("gateway_")] = value
+    report = {}
+    for name, cfg in rt.loaded.config.sources.items():
+        stats = rt.stats.sources.get(name)
+        guarded = rt.guards[name]
+        values = live.get(name, {})
+        report[name] = {
+            "kind": cfg.kind,
+            **(stats.snapshot() if stats is not None else {}),
+            "breaker": guarded.breaker.state if guarded.breaker is not None else None,
+            "pool": {
+                "size": values.get("pool_size"),
+                "in_use": values.get("pool_in_use"),
+                "max": values.get("pool_max"),
+            },
+        }
+    return {
+        "window_s": rt.stats.window_s,
+        "time": time.time(),
+        "sources": report,
+        "cache": rt.stats.cache.snapshot(),
+        "process": {**process_report(), "cache_pool": _cache_pool(rt)},
+    }
+
+
+def _cache_pool(rt: Runtime) -> dict[str, int] | None:
+    # Only the Redis store has a connection pool; the in-memory one has nothing to lend.
+    stats = getattr(rt.cache.store, "pool_stats", None)
+    return stats() if stats is not None else None
+
+
+DASHBOARD = (resources.files("gateway") / "dashboard.html").read_text(encoding="utf-8")

@@ -1,0 +1,297 @@
+"""The application: `create_app(config_path)` builds the FastAPI app around a swappable runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from prometheus_client import multiprocess
+from starlette.routing import BaseRoute, Route
+
+from cache.store import CacheUnavailable
+from gateway import admin, log, runtime
+from gateway import config as config_mod
+from gateway.diagnostics import start_tracing_from_env
+from gateway.edge import EndpointHandler
+from gateway.errors import ConfigError, SourceError
+from gateway.metrics import Metrics, multiprocess_dir, request_observer, sample_forever
+from gateway.metrics import endpoint as metrics_endpoint
+from gateway.openapi import endpoint_paths, validation_schemas
+from gateway.plan import EndpointPlan, build_plans
+from gateway.routing import outer_stack
+from gateway.stats import Stats
+
+_log = structlog.get_logger("gateway.app")
+
+
+class Gateway:
+    """The running gateway: its current runtime, replaced as a whole by a reload."""
+
+    def __init__(self, loaded: config_mod.LoadedConfig) -> None:
+        self.loaded = loaded
+        self.plans: tuple[EndpointPlan, ...] = build_plans(loaded.config)
+        self._runtime: runtime.Runtime | None = None
+        self._reload_lock = asyncio.Lock()
+        self._routes: list[BaseRoute] = []
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.app: FastAPI | None = None
+        self.metrics = Metrics(lambda: self._runtime)
+        self.stats = Stats()
+
+    def current(self) -> runtime.Runtime:
+        """Return the runtime requests start on now."""
+        if self._runtime is None:
+            raise RuntimeError("the gateway has not started (lifespan not run)")
+        return self._runtime
+
+    def routes(self) -> list[BaseRoute]:
+        """Return one route per endpoint of the current plans."""
+        return [
+            Route(p.route_path, EndpointHandler(self.current, p.id), methods=["GET"], name=p.id)
+            for p in self.plans
+        ]
+
+    def endpoint_routes(self) -> list[BaseRoute]:
+        """Return the endpoint routes now installed (replaced as a whole by a reload)."""
+        return self._routes
+
+    def install_routes(self, app: FastAPI) -> None:
+        """Put the endpoint routes of the current plans in `app`, replacing the previous ones."""
+        new = self.routes()
+        kept = [r for r in app.router.routes if r not in self._routes]
+        app.router.routes[:] = [*kept, *new]
+        self._routes = new
+        app.openapi_schema = None
+
+    async def start(self) -> None:
+        """Start sources and cache for the loaded config."""
+        self._runtime = await runtime.start(
+            self.loaded, metrics=self.metrics, stats=self.stats, plans=self.plans
+        )
+        freeze_heap()
+
+    async def stop(self) -> None:
+        """Close every pool, client and cache connection."""
+        for task in list(self._retiring):
+            task.cancel()  # a retiring runtime closes at once instead of after its grace
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self._runtime is not None:
+            await runtime.stop(self._runtime)
+            self._runtime = None
+
+    async def reload(self, path: str | None = None) -> runtime.Runtime:
+        """Load and validate the config again, start what changed, then swap atomically.
+
+        Raises `ConfigError` (and changes nothing) when the file is invalid.
+        """
+        async with self._reload_lock:
+            loaded = config_mod.load(path or self.loaded.file)
+            old = self.current()
+            new = await runtime.start(loaded, previous=old)
+            self.loaded, self.plans, self._runtime = loaded, tuple(new.plans.values()), new
+            freeze_heap()
+            if self.app is not None:
+                self.install_routes(self.app)
+            _log.info("config_reloaded", file=loaded.file, endpoints=len(self.plans))
+            # Requests in flight finish on the old runtime: close what it alone owns only after
+            # the longest deadline it could still be serving.
+            grace = max((p.deadline for p in old.plans.values()), default=1.0) + 1.0
+            task = asyncio.create_task(_retire(old, new, grace))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            return new
+
+    async def reload_logged(self) -> None:
+        """Reload, logging (not raising) a refused file: for SIGHUP and the file watcher."""
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            _log.warning("config_reload_refused", problems=[str(p) for p in exc.problems])
+        except SourceError as exc:
+            error = config_mod.redact_text(str(exc), self.loaded.secrets)
+            _log.warning("config_reload_failed", error=error)
+
+
+async def _retire(old: runtime.Runtime, new: runtime.Runtime, grace: float) -> None:
+    """Close what `old` alone owns once `grace` has passed (or at once when cancelled)."""
+    try:
+        await asyncio.sleep(grace)
+    finally:
+        await runtime.stop(old, new)
+
+
+async def _watch(gw: Gateway, every_s: float = 1.0) -> None:
+    """Reload whenever the config file's modification time changes, until cancelled."""
+    seen = _mtime(gw.loaded.file)
+    while True:
+        await asyncio.sleep(every_s)
+        now = _mtime(gw.loaded.file)
+        if now != seen:
+            seen = now
+            await gw.reload_logged()
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None  # being replaced (editors rename over it): the next tick sees the new one
+
+
+def create_app(
+    config_path: str | None = None,
+    *,
+    loaded: config_mod.LoadedConfig | None = None,
+    watch: bool = False,
+) -> FastAPI:
+    """Return the gateway app for a config file (or an already loaded config); `watch` reloads
+    it whenever the file changes."""
+    if loaded is None:
+        if config_path is None:
+            raise ValueError("create_app needs a config path or a loaded config")
+        loaded = config_mod.load(config_path)
+    log.configure()
+    gw = Gateway(loaded)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start_tracing_from_env()  # GATEWAY_TRACEMALLOC=1: for /admin/debug/memory
+        await gw.start()
+        background = []
+        if watch:
+            background.append(asyncio.create_task(_watch(gw)))
+        if multiprocess_dir() is not None:
+            background.append(asyncio.create_task(sample_forever(gw.metrics)))
+        hup = _on_sighup(gw)
+        try:
+            yield
+        finally:
+            hup()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await gw.stop()
+            if multiprocess_dir() is not None:
+                multiprocess.mark_process_dead(os.getpid())
+
+    app = FastAPI(
+        title="Aggregation gateway", version="0.1.0", lifespan=lifespan, **_no_framework_telemetry()
+    )
+    app.state.gateway = gw
+    gw.app = app
+    framework_stack = app.build_middleware_stack
+    # Starlette builds its stack on the first request; ours wraps it (see gateway/routing.py).
+    app.build_middleware_stack = lambda: outer_stack(  # type: ignore[method-assign]
+        framework_stack(), gw.endpoint_routes, request_observer(gw.metrics)
+    )
+    app.add_api_route("/metrics", metrics_endpoint(gw.metrics), include_in_schema=False)
+    token = admin.token_from_env()
+    if token is not None:
+        app.include_router(admin.router(gw, token))
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], responses={503: {"description": "not ready"}})
+    async def readyz() -> JSONResponse:
+        """Every source and the cache answer a ping; 503 with the reasons when one does not."""
+        rt = gw.current()
+        names = [*rt.upstreams, "cache"]
+        pings = [*(u.ping() for u in rt.upstreams.values()), rt.cache.ping()]
+        problems = {}
+        for name, result in zip(
+            names, await asyncio.gather(*pings, return_exceptions=True), strict=True
+        ):
+            if isinstance(result, SourceError | CacheUnavailable):
+                problems[name] = str(result) or type(result).__name__
+            elif isinstance(result, BaseException):
+                raise result
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    gw.install_routes(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                routes=app.routes,
+                description="Aggregated endpoints from gateway.yaml.",
+            )
+            schema.setdefault("paths", {}).update(endpoint_paths(gw.plans))
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                validation_schemas()
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def freeze_heap() -> None:
+    """Move everything startup built out of the cycle collector's sight.
+
+    A full collection walks every tracked object: with the framework, pydantic and prometheus
+    loaded that took 55-67 ms here, long enough to push requests in flight past their deadline
+    (bench faults scenario); frozen, the same collections take about 5 ms.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def _no_framework_telemetry() -> dict[str, Any]:
+    """Return FastAPI's switch for its own OpenTelemetry hooks, off, where it has them.
+
+    Since 0.16x FastAPI checks its telemetry settings (reading the environment) on every request;
+    our metrics are Prometheus, and the check costs more than a cache hit's own work.
+    """
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    return {}
+
+
+def _on_sighup(gw: Gateway) -> Callable[[], None]:
+    """Reload on SIGHUP while serving; return the function that stops listening for it."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def hup() -> None:
+        _log.info("sighup", file=gw.loaded.file)
+        task = loop.create_task(gw.reload_logged())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, hup)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+        # Not the main thread, or no SIGHUP on this platform: reload stays on /admin/reload.
+        return lambda: None
+
+    def stop() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return stop
+
+
+def app_from_env() -> FastAPI:
+    """Return the app for `$GATEWAY_CONFIG` (the factory `gateway serve` gives uvicorn);
+    `GATEWAY_WATCH=1` reloads it whenever the file changes."""
+    return create_app(
+        os.environ.get("GATEWAY_CONFIG", "gateway.yaml"),
+        watch=os.environ.get("GATEWAY_WATCH") == "1",
+    )

@@ -1,0 +1,102 @@
+"""The `gateway` command: serve, check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+from gateway import config
+from gateway.errors import ConfigError
+
+
+def check(path: str) -> int:
+    """Validate a config file; print a one-line summary (0) or one line per problem (1)."""
+    try:
+        loaded = config.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    cfg = loaded.config
+    calls = sum(len(e.calls) for e in cfg.endpoints)
+    print(f"{path}: ok: {len(cfg.sources)} sources, {len(cfg.endpoints)} endpoints, {calls} calls")
+    return 0
+
+
+def serve(
+    path: str, host: str, port: int, workers: int, log_level: str, watch: bool = False
+) -> int:
+    """Run the gateway under uvicorn (uvloop, httptools) until interrupted."""
+    import uvicorn
+
+    if check_quietly(path) != 0:
+        return 1
+    os.environ["GATEWAY_CONFIG"] = path
+    os.environ["GATEWAY_WATCH"] = "1" if watch else "0"
+    metrics_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Set before uvicorn starts the workers: prometheus-client picks its storage at import,
+        # and each worker writes its metrics there for whichever worker a scrape reaches.
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            log_level=log_level,
+            access_log=False,
+            lifespan="on",
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def check_quietly(path: str) -> int:
+    """Return 0 when the config is valid; otherwise print its problems and return 1."""
+    try:
+        config.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run one subcommand."""
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the gateway")
+    p_serve.add_argument("--config", default="gateway.yaml")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8080)
+    p_serve.add_argument("--workers", type=int, default=1)
+    p_serve.add_argument("--log-level", default="warning")
+    p_serve.add_argument(
+        "--watch", action="store_true", help="reload whenever the config file changes"
+    )
+    p_check = sub.add_parser("check", help="validate a config file")
+    p_check.add_argument("file", nargs="?", default="gateway.yaml")
+    p_demo = sub.add_parser("demo", help="run the whole product on this machine, nothing needed")
+    p_demo.add_argument("--host", default="127.0.0.1")
+    p_demo.add_argument("--port", type=int, default=8080)
+    p_demo.add_argument("--mysql", metavar="DSN", help="use this MySQL/MariaDB for the catalog")
+    p_demo.add_argument("--redis", metavar="URL", help="use this Redis for the cache")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        sys.exit(check(args.file))
+    if args.command == "serve":
+        sys.exit(serve(args.config, args.host, args.port, args.workers, args.log_level, args.watch))
+    from gateway import demo
+
+    sys.exit(demo.run(args.host, args.port, mysql=args.mysql, redis=args.redis))

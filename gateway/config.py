@@ -1,0 +1,760 @@
+"""gateway.yaml: typed, frozen config models, and the loader that locates every problem by line."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway import templates
+from gateway.errors import ConfigError, Problem
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Millis = Annotated[int, Field(gt=0, le=3_600_000)]
+Seconds = Annotated[int, Field(ge=0, le=30 * 86400)]
+
+RetryOn = Literal["timeout", "connect", "error", 500, 502, 503, 504, 429]
+
+
+class RetryConfig(_Model):
+    """Retries of one source's idempotent calls, bounded by the deadline and a budget."""
+
+    attempts: Annotated[int, Field(ge=1, le=10)] = 2
+    backoff_ms: Annotated[int, Field(ge=0, le=60_000)] = 10
+    max_backoff_ms: Annotated[int, Field(ge=0, le=60_000)] = 200
+    jitter: bool = True
+    on: tuple[RetryOn, ...] = ("timeout", "connect", 502, 503, 504)
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
+
+
+class BreakerConfig(_Model):
+    """A circuit breaker on one source's failure ratio over a sliding window."""
+
+    failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    min_calls: Annotated[int, Field(ge=1)] = 20
+    window_s: Annotated[int, Field(ge=1, le=3600)] = 10
+    open_ms: Millis = 5000
+    half_open_calls: Annotated[int, Field(ge=1, le=100)] = 1
+
+
+HedgePercentile = Literal["p50", "p75", "p90", "p95", "p99"]
+
+
+class HedgeConfig(_Model):
+    """Hedged requests of an HTTP source: a second request once the first is late.
+
+    Late means after a fixed `after_ms`, or after the source's live latency percentile `after`.
+    """
+
+    after_ms: Millis | None = None
+    after: HedgePercentile | None = None
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> HedgeConfig:
+        if (self.after_ms is None) == (self.after is None):
+            raise ValueError(
+                "give exactly one of after_ms (a fixed delay) or after (a live latency "
+                "percentile: p50, p75, p90, p95 or p99)"
+            )
+        return self
+
+    @property
+    def quantile(self) -> float | None:
+        """The percentile of `after` as a fraction (p95 -> 0.95), or None for a fixed delay."""
+        return int(self.after[1:]) / 100 if self.after else None
+
+
+class PropagationConfig(_Model):
+    """The headers that carry the request id and the remaining budget to HTTP upstreams."""
+
+    request_id_header: str = "X-Request-ID"
+    deadline_header: str = "X-Request-Deadline-Ms"
+
+    @field_validator("request_id_header", "deadline_header")
+    @classmethod
+    def _header_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", v):
+            raise ValueError(f"{v!r} is not a valid HTTP header name")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PropagationConfig:
+        if self.request_id_header.lower() == self.deadline_header.lower():
+            raise ValueError("request_id_header and deadline_header must be different headers")
+        return self
+
+
+class HttpPool(_Model):
+    """Keep-alive connection pool limits of an HTTP source."""
+
+    max: Annotated[int, Field(ge=1, le=10_000)] = 100
+    keepalive_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
+class SqlPool(_Model):
+    """Connection pool limits of a SQL source."""
+
+    min: Annotated[int, Field(ge=0, le=1000)] = 1
+    max: Annotated[int, Field(ge=1, le=1000)] = 10
+    recycle_s: Annotated[int, Field(ge=1)] = 3600
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> SqlPool:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
+        return self
+
+
+class _SourceBase(_Model):
+    timeout_ms: Millis = 1000
+    retry: RetryConfig | None = None
+    breaker: BreakerConfig | None = None
+    max_in_flight: Annotated[int, Field(ge=1)] | None = None
+
+
+class HttpSourceConfig(_SourceBase):
+    """An HTTP/JSON upstream service."""
+
+    kind: Literal["http"]
+    base_url: str
+    client: Literal["aiohttp", "httpx"] = "aiohttp"
+    http2: bool = False
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_bytes: Annotated[int, Field(ge=1)] = 1_048_576
+    pool: HttpPool = HttpPool()
+    hedge: HedgeConfig | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _http2_needs_httpx(self) -> HttpSourceConfig:
+        if self.http2 and self.client != "httpx":
+            raise ValueError("http2: true needs client: httpx")
+        return self
+
+
+class SqlSourceConfig(_SourceBase):
+    """A SQL database: MySQL/MariaDB through aiomysql, or SQLite through aiosqlite."""
+
+    kind: Literal["sql"]
+    dsn: str
+    pool: SqlPool = SqlPool()
+    hedge: None = None
+
+    @field_validator("hedge", mode="before")
+    @classmethod
+    def _no_hedge(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError(
+                "hedging is for http sources only: a hedged SQL query runs twice on the "
+                "database and doubles its load exactly when it is slow"
+            )
+        return None
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in ("mysql", "sqlite"):
+            raise ValueError("must start with mysql:// or sqlite:///")
+        if scheme == "mysql" and not urlsplit(v).hostname:
+            raise ValueError("a mysql:// DSN needs a host")
+        if scheme == "sqlite" and not v.startswith("sqlite:///"):
+            raise ValueError("a sqlite DSN is sqlite:///path/to/file.db")
+        return v
+
+
+SourceConfig = Annotated[HttpSourceConfig | SqlSourceConfig, Field(discriminator="kind")]
+
+
+HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", max_length=100)]
+"""An HTTP header name (RFC 9110 token)."""
+
+
+class CallConfig(_Model):
+    """One call of an endpoint: which source, what to ask, and what to do when it fails."""
+
+    source: str
+    path: str | None = None
+    query: str | dict[str, str] | None = None
+    args: dict[str, str] = Field(default_factory=dict)
+    one: bool = False
+    required: bool = False
+    fallback: Any = None
+    select: tuple[str, ...] | None = None
+    timeout_ms: Millis | None = None
+    forward_headers: tuple[HeaderName, ...] = ()
+
+    @property
+    def has_fallback(self) -> bool:
+        return "fallback" in self.model_fields_set
+
+    @property
+    def omit(self) -> bool:
+        return self.fallback == "omit"
+
+
+class EndpointCache(_Model):
+    """How long composite answers of one endpoint are kept."""
+
+    ttl_s: Seconds = 60
+    partial_ttl_s: Seconds = 0
+    stale_while_revalidate_s: Seconds = 0
+    stale_if_error_s: Seconds = 0
+    not_found_ttl_s: Seconds = 10
+    allow_client_bypass: bool = False
+    tags: tuple[str, ...] = ()
+    vary: tuple[HeaderName, ...] = ()
+
+
+class EndpointConfig(_Model):
+    """One aggregated endpoint: a path, a deadline, calls, and its cache."""
+
+    path: str
+    deadline_ms: Millis = 1000
+    cache: EndpointCache | None = None
+    calls: dict[str, CallConfig]
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with /")
+        names = [name for name, _ in templates.path_params(v)]
+        if len(set(names)) < len(names):
+            raise ValueError("a path parameter name appears twice")
+        for name, kind in templates.path_params(v):
+            if kind not in PARAM_TYPES:
+                raise ValueError(
+                    f"parameter {name!r} has unknown type {kind!r}; use one of "
+                    f"{', '.join(PARAM_TYPES)}"
+                )
+        return v
+
+    @field_validator("calls")
+    @classmethod
+    def _calls(cls, v: dict[str, CallConfig]) -> dict[str, CallConfig]:
+        if not v:
+            raise ValueError("an endpoint needs at least one call")
+        return v
+
+
+PARAM_TYPES = ("int", "str", "float")
+
+
+class NearCacheConfig(_Model):
+    """An in-process tier in front of Redis for the hottest keys, a few seconds at most."""
+
+    max_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    ttl_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+
+
+class CacheConfig(_Model):
+    """Where composite answers are cached: `redis://`, `redis+cluster://` or `memory://`."""
+
+    url: str = "memory://"
+    key_prefix: str = "gw:"
+    op_timeout_ms: Millis = 20
+    memory_max_entries: Annotated[int, Field(ge=1)] = 10_000
+    memory_max_bytes: Annotated[int, Field(ge=1)] = 64 * 1024 * 1024
+    compress_min_bytes: Annotated[int, Field(ge=0)] = 4096
+    near: NearCacheConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in ("memory", "redis", "rediss", "redis+cluster"):
+            raise ValueError("must be memory://, redis://, rediss:// or redis+cluster://")
+        return v
+
+    @model_validator(mode="after")
+    def _near_needs_redis(self) -> CacheConfig:
+        # memory:// is in-process already: a near tier in front of it would do nothing.
+        if self.near is not None and urlsplit(self.url).scheme == "memory":
+            raise ValueError("near: is a tier in front of Redis; memory:// needs none")
+        return self
+
+
+class GatewayConfig(_Model):
+    """A whole gateway.yaml, parsed and cross-checked."""
+
+    version: Literal[1] = 1
+    cache: CacheConfig = CacheConfig()
+    propagation: PropagationConfig = PropagationConfig()
+    sources: dict[str, SourceConfig]
+    endpoints: list[EndpointConfig]
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL", re.I)
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config with where it came from, what it was made of, and its secrets."""
+
+    config: GatewayConfig
+    file: str
+    text: str
+    secrets: frozenset[str]
+
+    def redacted(self) -> dict[str, Any]:
+        """Return the effective config as plain data with every secret value replaced."""
+        return _redact(self.config.model_dump(mode="json"), self.secrets)
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read, interpolate and validate a config file; raise `ConfigError` listing every problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(file, 0, "(file)", f"cannot read: {exc.strerror}")]) from None
+    return loads(text, file, env)
+
+
+def loads(text: str, file: str = "<string>", env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Validate config text; raise `ConfigError` listing every problem with line and field."""
+    env = os.environ if env is None else env
+    last_line = max(1, len(text.splitlines()))
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        else:  # a ReaderError (a character YAML does not allow) knows only its position
+            line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        msg = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
+        line = min(max(line, 1), last_line)
+        raise ConfigError([Problem(file, line, "(yaml)", f"invalid YAML: {msg}")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(file, 1, "(yaml)", "invalid YAML: nested too deeply")]) from None
+    if node is None:
+        raise ConfigError([Problem(file, 1, "(file)", "the file is empty")])
+    lines: dict[Loc, int] = {}
+    problems: list[Problem] = []
+    secrets: set[str] = set()
+    try:
+        data = _build(node, (), lines, env, file, problems, secrets)
+    except _TooLarge as exc:
+        raise ConfigError([exc.problem]) from None
+    if problems:
+        raise ConfigError(problems)
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(file, 1, "(file)", "the top level must be a mapping")])
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        found = []
+        for e in exc.errors(include_input=False, include_url=False):
+            loc = _clean_loc(e["loc"], data)
+            if e["type"].startswith("union_tag"):
+                loc = (*loc, "kind")
+            found.append(Problem(file, _line_of(lines, loc), _dotted(loc), _message(e)))
+        raise ConfigError(found) from None
+    problems = [
+        Problem(file, _line_of(lines, loc), _dotted(loc), msg) for loc, msg in cross_check(config)
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(config, file, text, frozenset(s for s in secrets if s))
+
+
+def _build(
+    node: yaml.Node,
+    loc: Loc,
+    lines: dict[Loc, int],
+    env: Mapping[str, str],
+    file: str,
+    problems: list[Problem],
+    secrets: set[str],
+) -> Any:
+    lines[loc] = node.start_mark.line + 1
+    if len(loc) > _MAX_DEPTH or len(lines) > _MAX_NODES:
+        # Aliases are expanded: a recursive one or an alias bomb would never end.
+        what = "nested too deeply" if len(loc) > _MAX_DEPTH else "too large once aliases expand"
+        raise _TooLarge(Problem(file, lines[loc], _dotted(loc[:8]), what))
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+                why = "merge keys (<<) are not supported" if key_node.tag == _MERGE else ""
+                line = key_node.start_mark.line + 1
+                problems.append(Problem(file, line, _dotted(loc), why or "keys must be names"))
+                continue
+            # Keys are names: YAML 1.1 would read `on:` (retry.on) as the boolean true.
+            key = key_node.value
+            if key in out:
+                problems.append(
+                    Problem(
+                        file, key_node.start_mark.line + 1, _dotted((*loc, key)), "duplicate key"
+                    )
+                )
+            lines[(*loc, key)] = key_node.start_mark.line + 1
+            out[key] = _build(value_node, (*loc, key), lines, env, file, problems, secrets)
+            lines[(*loc, key)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _build(n, (*loc, i), lines, env, file, problems, secrets)
+            for i, n in enumerate(node.value)
+        ]
+    try:
+        value = yaml.SafeLoader(b"").construct_object(node)
+    except (yaml.YAMLError, ValueError) as exc:  # an unknown !tag, an int of 5000 digits
+        msg = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
+        problems.append(Problem(file, lines[loc], _dotted(loc), f"invalid value: {msg}"))
+        return None
+    if isinstance(value, str) and "${" in value:
+        return _interpolate(value, loc, env, file, node.start_mark.line + 1, problems, secrets)
+    return value
+
+
+def _interpolate(
+    value: str,
+    loc: Loc,
+    env: Mapping[str, str],
+    file: str,
+    line: int,
+    problems: list[Problem],
+    secrets: set[str],
+) -> str:
+    secret_field = any(isinstance(p, str) and _SECRET_NAME.search(p) for p in loc) or (
+        len(loc) >= 2 and loc[-2] == "headers"
+    )
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        found = env.get(name)
+        if found is None or (found == "" and default is not None):
+            if default is None:
+                problems.append(
+                    Problem(
+                        file,
+                        line,
+                        _dotted(loc),
+                        f"environment variable {name} is not set and has no default",
+                    )
+                )
+                return ""
+            found = default
+        if _SECRET_NAME.search(name) or secret_field:
+            secrets.add(found)
+        return found
+
+    result = _ENV.sub(sub, value)
+    if "${" in _ENV.sub("", value):
+        problems.append(
+            Problem(file, line, _dotted(loc), "malformed ${NAME} or ${NAME:-default} reference")
+        )
+    if urlsplit(result).password:
+        secrets.add(urlsplit(result).password or "")
+    return result
+
+
+def _redact(data: Any, secrets: frozenset[str]) -> Any:
+    if isinstance(data, dict):
+        return {k: _redact(v, secrets) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_redact(v, secrets) for v in data]
+    if isinstance(data, str):
+        return redact_text(data, secrets)
+    return data
+
+
+def redact_text(text: str, secrets: frozenset[str]) -> str:
+    """Return `text` with every secret value (and any URL password) replaced by `***`."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return re.sub(r"(://[^:/@\s]*:)[^@/\s]+@", r"\1***@", text)
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> Loc:
+    """Return `loc` without the union member labels pydantic puts in it (`sources.x.http.dsn`,
+    `query.dict[str,str]`): a part that is not in the data there and names a type is dropped."""
+    out: list[str | int] = []
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif isinstance(part, str) and (part in _UNION_LABELS or "[" in part):
+            continue
+        else:
+            data = None
+        out.append(part)
+    return tuple(out)
+
+
+_UNION_LABELS = frozenset({"http", "sql", "str", "int", "float", "bool", "none"})
+_MAX_DEPTH = 40
+_MAX_NODES = 100_000
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class _TooLarge(Exception):
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+
+
+def _message(err: Any) -> str:
+    msg = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        return "unknown field (not part of the config language, or not built yet)"
+    if err["type"] == "union_tag_invalid":
+        return "kind must be one of: http, sql"
+    if err["type"] == "union_tag_not_found":
+        return "missing field kind (http or sql)"
+    return msg.removeprefix("Value error, ")
+
+
+def _line_of(lines: Mapping[Loc, int], loc: Loc) -> int:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get((), 1)
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(_part(p) for p in loc) if loc else "(top)"
+
+
+def _part(p: str | int) -> str:
+    # A key that is empty or holds spaces, newlines or other unprintables is quoted and escaped,
+    # so that a problem stays one line, its path one word, and the key visible.
+    text = str(p)
+    if text and text.isprintable() and not any(c.isspace() for c in text):
+        return text
+    return repr(text).replace(" ", "\\x20")
+
+
+# --- cross-checks --------------------------------------------------------------------------
+
+
+RESERVED_PATHS = frozenset(
+    {"/admin", "/metrics", "/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"}
+)
+"""First path segments the gateway serves itself; an endpoint there would be shadowed or shadow."""
+
+
+def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
+    """Return every problem that single fields cannot show: names, cycles, templates, budgets."""
+    found: list[tuple[Loc, str]] = _check_hedges(config)
+    for name in config.sources:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+            found.append((("sources", name), "a source name is letters, digits, _ and -"))
+    seen_paths: dict[str, int] = {}
+    for i, ep in enumerate(config.endpoints):
+        at: Loc = ("endpoints", i)
+        shape = templates.starlette_path(ep.path)
+        shape = re.sub(r"\{[^}]*\}", "{}", shape)
+        if shape in seen_paths:
+            found.append(((*at, "path"), f"duplicate path: same as endpoints.{seen_paths[shape]}"))
+        seen_paths.setdefault(shape, i)
+        first = "/" + ep.path.split("/")[1] if ep.path != "/" else "/"
+        if first in RESERVED_PATHS:
+            found.append(
+                (
+                    (*at, "path"),
+                    f"{first} belongs to the gateway itself (reserved: "
+                    f"{', '.join(sorted(RESERVED_PATHS))})",
+                )
+            )
+        params = {name for name, _ in templates.path_params(ep.path)}
+        deps: dict[str, set[str]] = {}
+        for name, call in ep.calls.items():
+            cat: Loc = (*at, "calls", name)
+            deps[name] = set()
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+                found.append((cat, f"call name {name!r} must be an identifier not starting with _"))
+            source = config.sources.get(call.source)
+            if source is None:
+                known = ", ".join(_part(n) for n in sorted(config.sources)) or "none"
+                found.append(((*cat, "source"), f"unknown source {call.source!r} (known: {known})"))
+            for field, texts in _call_templates(call):
+                for text in texts:
+                    for ref in templates.parse(text).refs:
+                        if ref.root in params and not ref.attrs:
+                            continue
+                        if ref.root in ep.calls and ref.root != name:
+                            deps[name].add(ref.root)
+                            continue
+                        found.append(
+                            (
+                                (*cat, field),
+                                f"template {{{ref.text}}} names no path parameter or call"
+                                f" (parameters: {', '.join(sorted(params)) or 'none'})",
+                            )
+                        )
+            if isinstance(source, SqlSourceConfig):
+                found += _check_sql_call(cat, call, params, set(ep.calls), name, deps)
+            elif isinstance(source, HttpSourceConfig):
+                if call.path is None:
+                    found.append(((*cat, "path"), "an http call needs a path"))
+                elif not call.path.startswith("/"):
+                    found.append(((*cat, "path"), "must start with /"))
+                if isinstance(call.query, str):
+                    found.append(((*cat, "query"), "an http call's query is a mapping of values"))
+                if call.one or call.args:
+                    found.append(
+                        ((*cat, "one" if call.one else "args"), "only sql calls take one and args")
+                    )
+            found += _check_forwarding(cat, call, source, ep.cache)
+            if call.required and call.has_fallback:
+                found.append(((*cat, "fallback"), "a required call cannot have a fallback"))
+            timeout = call.timeout_ms or (source.timeout_ms if source else 0)
+            if timeout > ep.deadline_ms:
+                where = "timeout_ms" if call.timeout_ms else "source"
+                found.append(
+                    (
+                        (*cat, where),
+                        f"timeout {timeout} ms is longer than the endpoint's "
+                        f"deadline_ms {ep.deadline_ms}",
+                    )
+                )
+        for name in _cycle(deps):
+            found.append(
+                (
+                    (*at, "calls", name),
+                    "calls wait for each other in a cycle: " + " -> ".join(_cycle(deps)),
+                )
+            )
+            break
+        if ep.cache:
+            for j, tag in enumerate(ep.cache.tags):
+                for ref in templates.parse(tag).refs:
+                    if ref.root not in params or ref.attrs:
+                        found.append(
+                            (
+                                (*at, "cache", "tags", j),
+                                f"tag template {{{ref.text}}} names no path parameter",
+                            )
+                        )
+            if ep.cache.partial_ttl_s > ep.cache.ttl_s:
+                found.append(((*at, "cache", "partial_ttl_s"), "is longer than ttl_s"))
+    return found
+
+
+def _check_hedges(config: GatewayConfig) -> list[tuple[Loc, str]]:
+    found: list[tuple[Loc, str]] = []
+    for name, source in config.sources.items():
+        hedge = source.hedge
+        if hedge is not None and hedge.after_ms is not None and hedge.after_ms >= source.timeout_ms:
+            found.append(
+                (
+                    ("sources", name, "hedge", "after_ms"),
+                    f"{hedge.after_ms} ms is not shorter than timeout_ms ({source.timeout_ms}): "
+                    "the first request times out before a hedge would be sent",
+                )
+            )
+    return found
+
+
+def _check_forwarding(
+    cat: Loc, call: CallConfig, source: SourceConfig | None, cache: EndpointCache | None
+) -> list[tuple[Loc, str]]:
+    """A forwarded request header shapes the answer: a cached endpoint must vary by it."""
+    if not call.forward_headers:
+        return []
+    if isinstance(source, SqlSourceConfig):
+        return [((*cat, "forward_headers"), "only http calls forward request headers")]
+    varied = {h.lower() for h in (cache.vary if cache else ())}
+    missing = [h for h in call.forward_headers if cache is not None and h.lower() not in varied]
+    if missing:
+        return [
+            (
+                (*cat, "forward_headers"),
+                f"forwards {', '.join(missing)} but the endpoint's "
+                "cache key does not include it: add it to cache.vary (or the answer for one "
+                "client would be served to another)",
+            )
+        ]
+    return []
+
+
+def _call_templates(call: CallConfig) -> list[tuple[str, list[str]]]:
+    out: list[tuple[str, list[str]]] = []
+    if call.path:
+        out.append(("path", [call.path]))
+    if isinstance(call.query, dict):
+        out.append(("query", list(call.query.values())))
+    if call.args:
+        out.append(("args", list(call.args.values())))
+    return out
+
+
+def _check_sql_call(
+    cat: Loc,
+    call: CallConfig,
+    params: set[str],
+    calls: set[str],
+    name: str,
+    deps: dict[str, set[str]],
+) -> list[tuple[Loc, str]]:
+    found: list[tuple[Loc, str]] = []
+    if not isinstance(call.query, str):
+        return [((*cat, "query"), "a sql call needs a query string")]
+    if call.path is not None:
+        found.append(((*cat, "path"), "a sql call takes a query, not a path"))
+    for placeholder in templates.sql_param_names(call.query):
+        if placeholder not in params and placeholder not in call.args:
+            found.append(
+                (
+                    (*cat, "query"),
+                    f"placeholder %({placeholder})s names no path parameter and no entry of args",
+                )
+            )
+    if "{" in call.query and templates.parse(call.query).refs:
+        found.append(
+            ((*cat, "query"), "SQL text cannot hold templates; bind values with %(name)s and args")
+        )
+    return found
+
+
+def _cycle(deps: Mapping[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str]:
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(deps.get(n, ())):
+            if state.get(d) == 1:
+                return [*stack[stack.index(d) :], d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return []
+
+    for n in deps:
+        if n not in state and (found := visit(n)):
+            return found
+    return []

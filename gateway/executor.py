@@ -1,0 +1,149 @@
+"""The fan-out: every call of a plan as one task, each waiting only for the calls it names."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import SourceError
+from gateway.plan import CallPlan, EndpointPlan
+from gateway.templates import Unrenderable
+from gateway.types import Call, Outcome, Source
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What one call produced: its outcome, its value (when ok) and how long it took."""
+
+    outcome: Outcome
+    value: Any
+    ms: float
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Composite:
+    """The results of one fan-out, by call name, and the required call that failed, if any."""
+
+    results: Mapping[str, CallResult]
+    failed: str | None
+
+    @property
+    def complete(self) -> bool:
+        return all(r.outcome == "ok" for r in self.results.values())
+
+
+class _RequiredFailed(Exception):
+    """Raised inside the task group to stop the fan-out once a required call has failed."""
+
+
+async def execute(
+    plan: EndpointPlan,
+    sources: Mapping[str, Source],
+    params: Mapping[str, Any],
+    request_id: str = "",
+    deadline: float | None = None,
+    request_headers: Mapping[bytes, bytes] | None = None,
+) -> Composite:
+    """Run every call of `plan` concurrently under its deadline and return what each produced.
+
+    `deadline` (loop time) is the request's, when part of its budget is already spent (the cache
+    lookup, a wait for another request's fan-out); by default the plan's deadline from now.
+    `request_headers` (the client's, names in lower case) supply the calls' `forward_headers`.
+    Source failures become outcomes; any other exception is a bug and propagates.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    if deadline is None:
+        deadline = start + plan.deadline
+    scope: dict[str, Any] = dict(params)
+    results: dict[str, CallResult] = {}
+    # Only calls that another call waits for need an event (none, in most endpoints).
+    done = {name: asyncio.Event() for name in plan.awaited}
+
+    async def run(cp: CallPlan) -> None:
+        try:
+            for dep in cp.deps:
+                await done[dep].wait()
+            results[cp.name] = await _run_call(
+                cp,
+                sources[cp.source],
+                scope,
+                deadline,
+                request_id,
+                _failed_dep(cp, results),
+                request_headers,
+            )
+            if results[cp.name].outcome == "ok":
+                scope[cp.name] = results[cp.name].value
+            elif cp.required:
+                raise _RequiredFailed(cp.name)
+        finally:
+            if cp.name in done:
+                done[cp.name].set()
+
+    failed: str | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            async with asyncio.TaskGroup() as tg:
+                for cp in plan.calls:
+                    tg.create_task(run(cp), name=cp.task_name)
+    except* _RequiredFailed as group:
+        failed = str(group.exceptions[0])
+    except* TimeoutError:
+        # The endpoint deadline is the backstop: whatever had not ended timed out.
+        now_ms = (loop.time() - start) * 1000
+        for cp in plan.calls:
+            results.setdefault(cp.name, CallResult("timeout", None, now_ms, "deadline"))
+        failed = next(
+            (cp.name for cp in plan.calls if cp.required and results[cp.name].outcome != "ok"), None
+        )
+    return Composite({cp.name: results[cp.name] for cp in plan.calls if cp.name in results}, failed)
+
+
+def _failed_dep(cp: CallPlan, results: Mapping[str, CallResult]) -> str | None:
+    return next((d for d in cp.deps if results[d].outcome != "ok"), None)
+
+
+async def _run_call(
+    cp: CallPlan,
+    source: Source,
+    scope: Mapping[str, Any],
+    deadline: float,
+    request_id: str,
+    skip: str | None,
+    request_headers: Mapping[bytes, bytes] | None,
+) -> CallResult:
+    if skip is not None:
+        return CallResult("skipped", None, 0.0, f"{skip} failed")
+    t0 = time.perf_counter()
+    try:
+        target, args = cp.render(scope)
+    except Unrenderable as exc:
+        return CallResult("skipped", None, 0.0, str(exc))
+    headers: dict[str, str] = {}
+    if cp.forward and request_headers:
+        headers = {
+            name: request_headers[raw].decode("latin-1")
+            for raw, name in cp.forward
+            if raw in request_headers
+        }
+    call = Call(cp.source, cp.name, target, args, cp.timeout, deadline, cp.one, request_id, headers)
+    try:
+        value = await source(call)
+    except SourceError as exc:
+        return CallResult(exc.outcome, None, (time.perf_counter() - t0) * 1000, str(exc))  # type: ignore[arg-type]
+    if cp.select is not None:
+        value = _select(value, cp.select)
+    return CallResult("ok", value, (time.perf_counter() - t0) * 1000)
+
+
+def _select(value: Any, fields: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {f: value[f] for f in fields if f in value}
+    if isinstance(value, list):
+        return [_select(v, fields) for v in value]
+    return value

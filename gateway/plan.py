@@ -1,0 +1,260 @@
+"""Config -> plans: everything a request needs, computed once when the config loads."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import orjson
+from pydantic import TypeAdapter
+
+from gateway import templates
+from gateway.config import (
+    CallConfig,
+    EndpointConfig,
+    GatewayConfig,
+    HttpSourceConfig,
+    PropagationConfig,
+    RetryConfig,
+    SourceConfig,
+    SqlSourceConfig,
+)
+from gateway.types import Source, Upstream
+from upstreams import policies
+from upstreams.breaker import Breaker, OnChange
+from upstreams.http import DEFAULT_PROPAGATION, http_source
+from upstreams.latency import Latency
+from upstreams.sql import sql_source
+
+Scope = Mapping[str, Any]
+Render = Callable[[Scope], tuple[str, Mapping[str, Any]]]
+
+_PARAM_TYPES: dict[str, type] = {"int": int, "str": str, "float": float}
+
+
+@dataclass(frozen=True, slots=True)
+class ParamPlan:
+    """One typed path parameter and the validator that parses it."""
+
+    name: str
+    type: str
+    adapter: TypeAdapter[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """One call, ready to run: what it waits for, how it renders, what it falls back to."""
+
+    name: str
+    source: str
+    deps: tuple[str, ...]
+    render: Render
+    timeout: float
+    one: bool
+    required: bool
+    fallback: Any
+    omit: bool
+    select: tuple[str, ...] | None
+    task_name: str
+    forward: tuple[tuple[bytes, str], ...] = ()
+    """Request headers copied to the call: (lower-case name as the server gives it, name)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPlan:
+    """One endpoint, ready to serve: parameters, calls in declared order, cache settings."""
+
+    id: str
+    path: str
+    route_path: str
+    params: tuple[ParamPlan, ...]
+    deadline: float
+    calls: tuple[CallPlan, ...]
+    config: EndpointConfig
+    digest: str
+    tags: tuple[templates.Template, ...]
+    awaited: frozenset[str]
+    """Names of the calls that another call waits for."""
+    vary: tuple[bytes, ...] = ()
+    """Request headers (lower case) that are part of the cache key."""
+
+
+def build_plans(config: GatewayConfig) -> tuple[EndpointPlan, ...]:
+    """Return one plan per endpoint of a validated config."""
+    return tuple(build_plan(ep, config.sources) for ep in config.endpoints)
+
+
+def build_plan(ep: EndpointConfig, sources: Mapping[str, SourceConfig]) -> EndpointPlan:
+    """Return the plan of one endpoint; its digest changes whenever anything that shapes it does."""
+    params = tuple(
+        ParamPlan(name, kind, TypeAdapter(_PARAM_TYPES[kind]))
+        for name, kind in templates.path_params(ep.path)
+    )
+    calls = tuple(
+        _call_plan(name, call, sources[call.source], ep) for name, call in ep.calls.items()
+    )
+    shape = {
+        "endpoint": ep.model_dump(mode="json"),
+        "sources": {
+            name: _shape_of(sources[name]) for name in sorted({c.source for c in ep.calls.values()})
+        },
+    }
+    digest = hashlib.blake2b(
+        orjson.dumps(shape, option=orjson.OPT_SORT_KEYS), digest_size=6
+    ).hexdigest()
+    tags = tuple(templates.parse(t) for t in (ep.cache.tags if ep.cache else ()))
+    return EndpointPlan(
+        id=f"GET {ep.path}",
+        path=ep.path,
+        route_path=templates.starlette_path(ep.path),
+        params=params,
+        deadline=ep.deadline_ms / 1000,
+        calls=calls,
+        config=ep,
+        digest=digest,
+        tags=tags,
+        awaited=frozenset(d for cp in calls for d in cp.deps),
+        vary=tuple(h.lower().encode("latin-1") for h in (ep.cache.vary if ep.cache else ())),
+    )
+
+
+def _shape_of(source: SourceConfig) -> Any:
+    # The answer's shape depends on where data comes from, not on how patiently we wait for it.
+    if isinstance(source, SqlSourceConfig):
+        return {"kind": "sql", "dsn": source.dsn}
+    return {"kind": "http", "base_url": source.base_url}
+
+
+def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointConfig) -> CallPlan:
+    deps: set[str] = set()
+    if isinstance(source, HttpSourceConfig):
+        render = _http_render(call)
+        texts = [call.path or "", *(call.query.values() if isinstance(call.query, dict) else ())]
+    else:
+        render = _sql_render(call)
+        texts = list(call.args.values())
+    for text in texts:
+        deps.update(r.root for r in templates.parse(text).refs if r.root in ep.calls)
+    return CallPlan(
+        name=name,
+        source=call.source,
+        deps=tuple(sorted(deps)),
+        render=render,
+        timeout=min(call.timeout_ms or source.timeout_ms, ep.deadline_ms) / 1000,
+        one=call.one,
+        required=call.required,
+        fallback=None if call.omit else call.fallback,
+        omit=call.omit,
+        select=call.select,
+        task_name=f"call:{name}",
+        forward=tuple((h.lower().encode("latin-1"), h) for h in call.forward_headers),
+    )
+
+
+def _http_render(call: CallConfig) -> Render:
+    path = templates.parse(call.path or "/")
+    query = (
+        [(k, templates.parse(v)) for k, v in (call.query or {}).items()]
+        if isinstance(call.query, dict)
+        else []
+    )
+    if not query and not path.refs:
+        fixed = path.render_path({})
+        return lambda scope: (fixed, {})
+
+    def render(scope: Scope) -> tuple[str, Mapping[str, Any]]:
+        return path.render_path(scope), {k: t.render_value(scope) for k, t in query}
+
+    return render
+
+
+def _sql_render(call: CallConfig) -> Render:
+    sql = call.query if isinstance(call.query, str) else ""
+    names = templates.sql_param_names(sql)
+    args = {k: templates.parse(v) for k, v in call.args.items()}
+
+    def render(scope: Scope) -> tuple[str, Mapping[str, Any]]:
+        return sql, {n: args[n].render_value(scope) if n in args else scope[n] for n in names}
+
+    return render
+
+
+async def open_upstream(
+    name: str, cfg: SourceConfig, propagation: PropagationConfig = DEFAULT_PROPAGATION
+) -> Upstream:
+    """Start the adapter of one source (its pool or client session)."""
+    if isinstance(cfg, HttpSourceConfig):
+        return await http_source(name, cfg, propagation)
+    return await sql_source(name, cfg)
+
+
+@dataclass(frozen=True, slots=True)
+class Guarded:
+    """A source wrapped in its policies, with the stateful ones kept for operators to read."""
+
+    call: Source
+    breaker: Breaker | None
+    retry: policies.Retry | None
+    limit: policies.Limit | None
+    hedge: policies.Hedge | None = None
+    latency: Latency | None = None
+
+
+def guard(
+    name: str,
+    cfg: SourceConfig,
+    upstream: Upstream,
+    *,
+    on_change: OnChange | None = None,
+    on_retry: policies.OnRetry | None = None,
+    on_hedge: policies.OnHedge | None = None,
+) -> Guarded:
+    """Return `upstream` wrapped in its policies, always in this order, outermost first:
+
+        breaker(retry(hedge(timeout(limit(source)))))
+
+    - the bulkhead (limit) is innermost, so a call it refuses costs nothing and it counts what
+      really goes to the source, hedges included;
+    - the timeout covers one attempt, pool waits and the bulkhead included;
+    - hedging sits outside the timeout, so each of its two requests gets a whole attempt's time,
+      and the first success wins;
+    - retry sits outside hedging: a retry is a fresh (possibly hedged) attempt, started only when
+      the deadline can hold it; retries and hedges spend one `Budget` per source, so together
+      they stay a small share of its calls and an outage is never multiplied;
+    - the breaker is outermost: it sees one outcome per call, and an open breaker fails at once,
+      never queueing, retrying or hedging.
+
+    With `hedge: {after: pNN}`, a `Latency` recorder sits between hedge and timeout: it times
+    each successful attempt, and the hedge reads its percentile before each call.
+    """
+    source: Source = upstream.call
+    limit = policies.Limit(cfg.max_in_flight) if cfg.max_in_flight else None
+    if limit is not None:
+        source = limit(source)
+    source = policies.timeout(source)
+    budget = policies.Budget((cfg.retry or RetryConfig()).budget_ratio)
+    hedge = latency = None
+    if cfg.hedge is not None:
+        after: float | Callable[[], float | None]
+        quantile = cfg.hedge.quantile
+        if quantile is None:
+            after = (cfg.hedge.after_ms or 0) / 1000
+        else:
+            latency = Latency()
+            source = latency(source)
+            after = partial(latency.quantile, quantile)
+        hedge = policies.Hedge(after, budget, on_hedge=on_hedge)
+        source = hedge(source)
+    retry = None
+    if (cfg.retry is not None and cfg.retry.attempts > 1) or hedge is not None:
+        # A hedged source without retries still gets a one-attempt Retry: it counts the calls
+        # that the hedges' share of the budget is measured against.
+        retry = policies.Retry(cfg.retry or RetryConfig(attempts=1), budget, on_retry=on_retry)
+        source = retry(source)
+    breaker = Breaker(cfg.breaker, name, on_change=on_change) if cfg.breaker else None
+    if breaker is not None:
+        source = breaker(source)
+    return Guarded(source, breaker, retry, limit, hedge, latency)

@@ -1,0 +1,142 @@
+"""A runtime: one loaded config with its plans, started sources and cache, swapped as a whole."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from cache.composite import CachePolicy, CompositeCache, open_cache
+from gateway.config import GatewayConfig, LoadedConfig, SourceConfig
+from gateway.executor import Composite
+from gateway.metrics import Metrics
+from gateway.plan import EndpointPlan, Guarded, build_plans, guard, open_upstream
+from gateway.stats import Stats
+from gateway.types import Call, Source, Upstream
+
+_log = structlog.get_logger("gateway.runtime")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a request needs, immutable: requests in flight keep the one they started on."""
+
+    loaded: LoadedConfig
+    plans: Mapping[str, EndpointPlan]
+    upstreams: Mapping[str, Upstream]
+    guards: Mapping[str, Guarded]
+    sources: Mapping[str, Source]
+    cache: CompositeCache
+    cache_policies: Mapping[str, CachePolicy]
+    metrics: Metrics
+    stats: Stats
+
+    @property
+    def cache_prefix(self) -> str:
+        return self.loaded.config.cache.key_prefix
+
+    def observe(self, plan: EndpointPlan, composite: Composite) -> None:
+        """Count one fan-out's calls in the metrics and the live per-source statistics."""
+        self.metrics.calls(plan, composite)
+        self.stats.calls(plan, composite)
+
+
+async def start(
+    loaded: LoadedConfig,
+    previous: Runtime | None = None,
+    *,
+    metrics: Metrics | None = None,
+    stats: Stats | None = None,
+    plans: Sequence[EndpointPlan] | None = None,
+) -> Runtime:
+    """Start a runtime; sources and cache whose config did not change are taken over from
+    `previous`, so their pools (and breaker state) survive a reload. Metrics and statistics
+    are `previous`'s (or new ones) unless given; `plans` are the config's, when already built."""
+    config = loaded.config
+    if metrics is None:
+        metrics = previous.metrics if previous is not None else Metrics()
+    if stats is None:
+        stats = previous.stats if previous is not None else Stats()
+    on_change, on_retry, on_hedge = _observers(metrics)
+    by_id = {p.id: p for p in (build_plans(config) if plans is None else plans)}
+    kept: dict[str, Upstream] = {}
+    guards: dict[str, Guarded] = {}
+    opened: dict[str, Upstream] = {}
+    try:
+        for name, cfg in config.sources.items():
+            if previous is not None and _same_source(previous, config, name, cfg):
+                kept[name] = previous.upstreams[name]
+                guards[name] = previous.guards[name]
+            else:
+                opened[name] = await open_upstream(name, cfg, config.propagation)
+                guards[name] = guard(
+                    name,
+                    cfg,
+                    opened[name],
+                    on_change=on_change,
+                    on_retry=on_retry,
+                    on_hedge=on_hedge,
+                )
+    except BaseException:
+        await asyncio.gather(*(u.close() for u in opened.values()), return_exceptions=True)
+        raise
+    if previous is not None and previous.loaded.config.cache == config.cache:
+        cache = previous.cache
+    else:
+        cache = open_cache(config.cache)
+    cache.on_event = _cache_observer(metrics, stats)
+    policies = {
+        p.id: CachePolicy.from_config(p.config.cache) for p in by_id.values() if p.config.cache
+    }
+    sources = {name: g.call for name, g in guards.items()}
+    stats.sync(config)
+    return Runtime(
+        loaded, by_id, {**kept, **opened}, guards, sources, cache, policies, metrics, stats
+    )
+
+
+def _observers(
+    metrics: Metrics,
+) -> tuple[Callable[[str, str, str], None], Callable[[Call, int], None], Callable[[Call], None]]:
+    def on_change(source: str, old: str, new: str) -> None:
+        metrics.breaker_change(source, new)
+        _log.warning("breaker_state_changed", source=source, old=old, new=new)
+
+    def on_retry(call: Call, attempt: int) -> None:
+        metrics.retry(call.source)
+
+    def on_hedge(call: Call) -> None:
+        metrics.hedge(call.source)
+
+    return on_change, on_retry, on_hedge
+
+
+def _cache_observer(metrics: Metrics, stats: Stats) -> Callable[[str], None]:
+    count, window = metrics.cache_event, stats.cache
+
+    def on_event(event: str) -> None:
+        count(event)
+        window(event)
+
+    return on_event
+
+
+def _same_source(previous: Runtime, config: GatewayConfig, name: str, cfg: SourceConfig) -> bool:
+    old = previous.loaded.config.sources.get(name)
+    # HTTP adapters put the propagation header names on every call: a change needs new ones.
+    same_headers = previous.loaded.config.propagation == config.propagation
+    return old is not None and old == cfg and same_headers and name in previous.upstreams
+
+
+async def stop(runtime: Runtime, successor: Runtime | None = None) -> None:
+    """Close what `runtime` owns and `successor` did not take over."""
+    keep = {id(u) for u in successor.upstreams.values()} if successor else set()
+    closing = [u.close() for u in runtime.upstreams.values() if id(u) not in keep]
+    results = await asyncio.gather(*closing, return_exceptions=True)
+    for r in results:
+        if isinstance(r, Exception):
+            _log.warning("source_close_failed", error=repr(r))
+    if successor is None or successor.cache is not runtime.cache:
+        await runtime.cache.close()

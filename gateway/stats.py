@@ -1,0 +1,221 @@
+"""Live per-source statistics over a sliding window: latency percentiles, outcome ratios, the share
+of calls the timeout cut, and the timeout the data suggests.
+
+Recording is on the hot path, so it is a few integer increments: time is cut into slots
+(`window_s / slots` seconds each) and each slot counts outcomes and latencies in log-spaced bins
+(5 % wide, 0.05 ms to about 10 minutes). Reading merges the slots still in the window; its
+percentiles are exact to one bin (the bin's upper edge is reported).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from gateway.config import GatewayConfig, SourceConfig
+from upstreams.breaker import Window
+
+if TYPE_CHECKING:
+    from gateway.executor import Composite
+    from gateway.plan import EndpointPlan
+
+Clock = Callable[[], float]
+
+WINDOW_S = 60.0
+"""The span `/admin/sources` reports over."""
+
+SLOTS = 12
+
+MARGIN = 1.25
+"""Suggested timeout = p99 of successful calls times this, rounded up to `ROUND_MS`."""
+
+ROUND_MS = 5
+MIN_OK_CALLS = 50
+"""Fewer successful calls than this in the window and no timeout is suggested."""
+
+MAX_CUT_RATIO = 0.01
+"""Above this share of calls cut by the timeout, the real p99 lies beyond it and is unknown."""
+
+_FIRST_MS = 0.05
+_GROWTH = 1.05
+_BINS = 400
+_INV_LOG_GROWTH = 1 / math.log(_GROWTH)
+_EDGES = tuple(_FIRST_MS * _GROWTH**i for i in range(_BINS))
+
+# Outcomes where the source itself was asked; circuit_open, overloaded and skipped never left us.
+_ATTEMPTED = frozenset({"ok", "not_found", "error", "timeout"})
+# Outcomes where the source answered as it should; their latency is what a timeout must allow.
+_ANSWERED = frozenset({"ok", "not_found"})
+OUTCOMES = ("ok", "not_found", "error", "timeout", "circuit_open", "overloaded", "skipped")
+
+
+def _bin(ms: float) -> int:
+    if ms <= _FIRST_MS:
+        return 0
+    return min(int(math.log(ms / _FIRST_MS) * _INV_LOG_GROWTH) + 1, _BINS - 1)
+
+
+class _Slot:
+    __slots__ = ("answered", "attempted", "epoch", "outcomes")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.outcomes: dict[str, int] = {}
+        self.attempted = [0] * _BINS
+        self.answered = [0] * _BINS
+
+
+class SourceStats:
+    """The sliding-window statistics of one source."""
+
+    def __init__(
+        self,
+        timeout_ms: int,
+        window_s: float = WINDOW_S,
+        slots: int = SLOTS,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.timeout_ms = timeout_ms
+        self.window_s = window_s
+        self._width = window_s / slots
+        self._clock = clock
+        self._slots = [_Slot(-1) for _ in range(slots)]
+
+    def record(self, outcome: str, ms: float) -> None:
+        """Count one call's outcome and, when the source was asked, its latency."""
+        epoch = int(self._clock() // self._width)
+        slots = self._slots
+        slot = slots[epoch % len(slots)]
+        if slot.epoch != epoch:
+            slot = slots[epoch % len(slots)] = _Slot(epoch)
+        slot.outcomes[outcome] = slot.outcomes.get(outcome, 0) + 1
+        if outcome in _ATTEMPTED:
+            b = _bin(ms)
+            slot.attempted[b] += 1
+            if outcome in _ANSWERED:
+                slot.answered[b] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return counts, ratios, p50/p95/p99 (ms), the cut share and a suggested timeout."""
+        oldest = int(self._clock() // self._width) - len(self._slots)
+        live = [s for s in self._slots if s.epoch > oldest]
+        outcomes = dict.fromkeys(OUTCOMES, 0)
+        for s in live:
+            for name, n in s.outcomes.items():
+                outcomes[name] = outcomes.get(name, 0) + n
+        attempted = _merge(s.attempted for s in live)
+        answered = _merge(s.answered for s in live)
+        count = sum(outcomes.values())
+        tried = sum(attempted)
+        cut = outcomes["timeout"] / tried if tried else 0.0
+        ok_p99 = _percentile(answered, 0.99)
+        suggested, note = self._suggest(sum(answered), ok_p99, cut)
+        return {
+            "count": count,
+            "outcomes": outcomes,
+            "ratios": {k: round(v / count, 4) if count else 0.0 for k, v in outcomes.items()},
+            "p50_ms": _percentile(attempted, 0.50),
+            "p95_ms": _percentile(attempted, 0.95),
+            "p99_ms": _percentile(attempted, 0.99),
+            "ok_p99_ms": ok_p99,
+            "timeout_ms": self.timeout_ms,
+            "cut_by_timeout": round(cut, 4),
+            "suggested_timeout_ms": suggested,
+            "suggestion": note,
+        }
+
+    def _suggest(self, answered: int, ok_p99: float | None, cut: float) -> tuple[int | None, str]:
+        if cut > MAX_CUT_RATIO:
+            return None, (
+                f"{cut:.1%} of calls were cut at {self.timeout_ms} ms, so the real p99 lies "
+                "beyond it: raise the timeout to measure it"
+            )
+        if ok_p99 is None or answered < MIN_OK_CALLS:
+            return None, f"fewer than {MIN_OK_CALLS} successful calls in the window"
+        ms = max(ROUND_MS, math.ceil(ok_p99 * MARGIN / ROUND_MS) * ROUND_MS)
+        return ms, f"p99 of successful calls x {MARGIN:g}, rounded up to {ROUND_MS} ms"
+
+
+def _merge(histograms: Iterable[list[int]]) -> list[int]:
+    total = [0] * _BINS
+    for h in histograms:
+        for i, n in enumerate(h):
+            if n:
+                total[i] += n
+    return total
+
+
+def _percentile(histogram: list[int], q: float) -> float | None:
+    """Return the upper edge (ms) of the bin holding the `q` quantile, or None with no data."""
+    total = sum(histogram)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(histogram):
+        seen += n
+        if seen >= rank:
+            return round(_EDGES[i], 2)
+    return round(_EDGES[-1], 2)
+
+
+class CacheStats:
+    """How many lookups the cache answered from storage over the window, and out of how many."""
+
+    def __init__(self, window_s: float = WINDOW_S, clock: Clock = time.monotonic) -> None:
+        self._window = Window(window_s, clock)
+        self.window_s = window_s
+
+    def __call__(self, event: str) -> None:
+        """Count one cache event (`CompositeCache.on_event`); lookups only, the rest ignored."""
+        if event in ("hit", "stale"):
+            self._window.add(1, 1)
+        elif event in ("miss", "bypass"):
+            self._window.add(1, 0)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return lookups, lookups answered from storage, and their ratio."""
+        lookups, hits = self._window.counts()
+        return {
+            "lookups": lookups,
+            "hits": hits,
+            "hit_ratio": round(hits / lookups, 4) if lookups else None,
+        }
+
+
+class Stats:
+    """Statistics of every source of the running config, and of the cache."""
+
+    def __init__(self, window_s: float = WINDOW_S, clock: Clock = time.monotonic) -> None:
+        self.window_s = window_s
+        self.sources: dict[str, SourceStats] = {}
+        self.cache = CacheStats(window_s, clock)
+        self._configs: Mapping[str, SourceConfig] = {}
+        self._clock = clock
+
+    def sync(self, config: GatewayConfig) -> None:
+        """Follow a (re)loaded config: a new or changed source starts a fresh window."""
+        fresh = {}
+        for name, cfg in config.sources.items():
+            old = self.sources.get(name)
+            if old is not None and self._configs.get(name) == cfg:
+                fresh[name] = old
+            else:
+                fresh[name] = SourceStats(cfg.timeout_ms, self.window_s, clock=self._clock)
+        self.sources, self._configs = fresh, dict(config.sources)
+
+    def record(self, source: str, outcome: str, ms: float) -> None:
+        """Count one call of `source` (calls of a source that was just removed are dropped)."""
+        stats = self.sources.get(source)
+        if stats is not None:
+            stats.record(outcome, ms)
+
+    def calls(self, plan: EndpointPlan, composite: Composite) -> None:
+        """Count every call of one fan-out under its source."""
+        results = composite.results
+        for cp in plan.calls:
+            r = results.get(cp.name)
+            if r is not None:
+                self.record(cp.source, r.outcome, r.ms)

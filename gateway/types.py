@@ -1,0 +1,50 @@
+"""The type vocabulary shared by the executor, the upstream adapters and the policies."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+JSON = Any
+"""A decoded JSON value: dict, list, str, int, float, bool or None."""
+
+Outcome = Literal["ok", "timeout", "error", "not_found", "circuit_open", "overloaded", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One rendered request to one source, with the time it may take.
+
+    `target` is the URL path (already percent-encoded, relative to the source's base URL) for
+    HTTP sources and the SQL text for SQL sources; `params` holds query-string values for HTTP
+    and bound parameters for SQL. `timeout` is seconds for one attempt; `deadline` is the
+    event-loop time (`loop.time()`) by which the call, retries included, must be over.
+    """
+
+    source: str
+    name: str
+    target: str
+    params: Mapping[str, Any]
+    timeout: float
+    deadline: float
+    one: bool = False
+    request_id: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Source = Callable[[Call], Awaitable[JSON]]
+"""An async function from a call to its decoded result; raises `SourceError` on failure."""
+
+Policy = Callable[[Source], Source]
+"""A function from source to source that adds one behaviour (timeout, retry, breaker...)."""
+
+
+@dataclass(slots=True)
+class Upstream:
+    """A started source: the function to call it, and how to probe, measure and close it."""
+
+    call: Source
+    close: Callable[[], Awaitable[None]]
+    ping: Callable[[], Awaitable[None]]
+    pool_stats: Callable[[], Mapping[str, int]]

@@ -1,0 +1,84 @@
+"""Run the real app under uvicorn on a loopback port, in the test's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from gateway import config
+from gateway.app import create_app
+from gateway.simulator import Simulators
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """Return a loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def product_view_env(sims: Simulators, catalog_dsn: str, cache_url: str) -> dict[str, str]:
+    """Return the environment that points the shipped gateway.yaml at test servers."""
+    return {
+        "CATALOG_DSN": catalog_dsn,
+        "REDIS_URL": cache_url,
+        "PRICING_URL": sims.urls["pricing"],
+        "INVENTORY_URL": sims.urls["inventory"],
+        "REVIEWS_URL": sims.urls["reviews"],
+        "RECS_URL": sims.urls["recs"],
+    }
+
+
+def product_view_config(
+    env: Mapping[str, str], key_prefix: str = "gw:", edit: Mapping[str, str] | None = None
+) -> config.LoadedConfig:
+    """Return the shipped gateway.yaml, loaded with `env`, its cache under `key_prefix`.
+
+    `edit` replaces text in the file first (one exact occurrence each), for variants.
+    """
+    text = (ROOT / "gateway.yaml").read_text()
+    for old, new in (edit or {}).items():
+        assert text.count(old) == 1, f"{old!r} must occur once in gateway.yaml"
+        text = text.replace(old, new)
+    text = text.replace("cache:\n  url:", f"cache:\n  key_prefix: '{key_prefix}'\n  url:", 1)
+    return config.loads(text, "gateway.yaml", env)
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    """Serve `app` (lifespan included) on a free loopback port; yield its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="error", access_log=False, lifespan="on"
+        )
+    )
+    server.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if not server.started:
+        task.cancel()
+        raise RuntimeError("uvicorn did not start within 5 s")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@asynccontextmanager
+async def serving_config(loaded: config.LoadedConfig) -> AsyncIterator[str]:
+    """Serve the gateway for a loaded config; yield its base URL."""
+    async with serving(create_app(loaded=loaded)) as url:
+        yield url

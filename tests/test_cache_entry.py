@@ -1,0 +1,90 @@
+"""The entry codec and cache keys."""
+
+from __future__ import annotations
+
+import os
+
+import orjson
+import pytest
+
+from cache.entry import CorruptEntry, Entry, decode, encode, etag_of, make_entry
+from cache.keys import composite_key
+
+
+def test_make_entry_stamps_time_and_strong_etag() -> None:
+    entry = make_entry(200, b'{"a":1}', True)
+    assert entry.etag == etag_of(b'{"a":1}')
+    assert entry.etag.startswith('"') and entry.etag.endswith('"') and len(entry.etag) == 34
+    assert entry.etag != etag_of(b'{"a":2}')
+    assert entry.written_at > 1_600_000_000
+
+
+@pytest.mark.parametrize("status", [200, 404, 502])
+@pytest.mark.parametrize("complete", [True, False])
+def test_codec_round_trips_small_entries(status: int, complete: bool) -> None:
+    entry = make_entry(status, b'{"product":{"id":42}}', complete)
+    data = encode(entry)
+    assert decode(data) == entry
+    assert data.endswith(b'{"product":{"id":42}}')  # small bodies are stored raw
+
+
+def test_codec_compresses_large_bodies_and_restores_them_exactly() -> None:
+    body = orjson.dumps({"items": [{"id": i, "name": f"product {i}"} for i in range(500)]})
+    entry = make_entry(200, body, True)
+    data = encode(entry)
+    assert len(data) < len(body) // 3
+    assert decode(data) == entry
+
+
+def test_codec_threshold_is_configurable() -> None:
+    body = b'{"x":"' + b"a" * 200 + b'"}'
+    entry = make_entry(200, body, True)
+    assert len(encode(entry, compress_min_bytes=100)) < len(body)
+    assert len(encode(entry, compress_min_bytes=10_000)) > len(body)
+    assert decode(encode(entry, compress_min_bytes=100)) == entry
+
+
+def test_codec_stores_incompressible_bodies_raw() -> None:
+    body = os.urandom(8192)
+    entry = Entry(200, body, True, 1.5, etag_of(body))
+    data = encode(entry)
+    assert data.endswith(body)
+    assert decode(data) == entry
+
+
+@pytest.mark.parametrize("data", [b"", b"GW", b"XX" + b"\0" * 40, b"\x00" * 100])
+def test_decode_rejects_garbage(data: bytes) -> None:
+    with pytest.raises(CorruptEntry):
+        decode(data)
+
+
+def test_decode_rejects_a_corrupt_compressed_body() -> None:
+    entry = make_entry(200, b"[" + b"1," * 5000 + b"1]", True)
+    data = encode(entry)
+    with pytest.raises(CorruptEntry):
+        decode(data[:-10] + b"0123456789")
+
+
+def test_composite_key_is_canonical_and_separates_parameters() -> None:
+    a = composite_key("gw:", "/products/{id:int}", "d1", [("id", 42), ("lang", "en")])
+    b = composite_key("gw:", "/products/{id:int}", "d1", [("lang", "en"), ("id", 42)])
+    assert a == b
+    assert a.startswith("gw:/products/")
+    assert "{" not in a and "}" not in a
+    assert a != composite_key("gw:", "/products/{id:int}", "d2", [("id", 42), ("lang", "en")])
+    assert a != composite_key("gw:", "/products/{id:int}", "d1", [("id", 43), ("lang", "en")])
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ([("a", "1&b=2")], [("a", "1"), ("b", "2")]),
+        ([("a", True)], [("a", 1)]),
+        ([("a", None)], [("a", "!null")]),
+        ([("a", "x:y")], [("a", "x"), ("y", "")]),
+    ],
+)
+def test_composite_key_values_cannot_forge_another_key(
+    one: list[tuple[str, object]], other: list[tuple[str, object]]
+) -> None:
+    assert composite_key("p:", "/e", "d", one) != composite_key("p:", "/e", "d", other)

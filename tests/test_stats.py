@@ -1,0 +1,79 @@
+"""Per-source window statistics on an injected clock: percentiles, window, cut share, suggestion."""
+
+from __future__ import annotations
+
+from gateway.stats import CacheStats, SourceStats
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_percentiles_are_within_one_bin_of_the_true_ones() -> None:
+    stats = SourceStats(timeout_ms=500, clock=Clock())
+    for ms in range(1, 101):  # 1..100 ms, once each
+        stats.record("ok", float(ms))
+    snap = stats.snapshot()
+    assert snap["count"] == 100
+    for key, true in (("p50_ms", 50), ("p95_ms", 95), ("p99_ms", 99)):
+        assert true <= snap[key] <= true * 1.05 + 0.01, (key, snap[key])
+
+
+def test_suggested_timeout_is_the_ok_p99_with_a_margin_rounded_up_to_5_ms() -> None:
+    stats = SourceStats(timeout_ms=500, clock=Clock())
+    for _ in range(200):
+        stats.record("ok", 40.0)
+    snap = stats.snapshot()
+    assert snap["suggested_timeout_ms"] % 5 == 0
+    assert 50 <= snap["suggested_timeout_ms"] <= 55  # 40 ms (one bin) x 1.25
+
+
+def test_no_suggestion_from_few_calls_or_when_the_timeout_hides_the_p99() -> None:
+    few = SourceStats(timeout_ms=100, clock=Clock())
+    for _ in range(10):
+        few.record("ok", 5.0)
+    assert few.snapshot()["suggested_timeout_ms"] is None
+    cut = SourceStats(timeout_ms=100, clock=Clock())
+    for _ in range(95):
+        cut.record("ok", 5.0)
+    for _ in range(5):
+        cut.record("timeout", 100.0)
+    snap = cut.snapshot()
+    assert snap["cut_by_timeout"] == 0.05
+    assert snap["suggested_timeout_ms"] is None and "cut at 100 ms" in snap["suggestion"]
+
+
+def test_outcomes_that_never_reached_the_source_count_but_have_no_latency() -> None:
+    stats = SourceStats(timeout_ms=100, clock=Clock())
+    stats.record("ok", 10.0)
+    stats.record("circuit_open", 0.0)
+    stats.record("skipped", 0.0)
+    snap = stats.snapshot()
+    assert snap["count"] == 3
+    assert snap["ratios"]["circuit_open"] == round(1 / 3, 4)
+    assert snap["p50_ms"] is not None and snap["p50_ms"] >= 10.0
+
+
+def test_calls_older_than_the_window_are_forgotten() -> None:
+    clock = Clock()
+    stats = SourceStats(timeout_ms=100, window_s=60, clock=clock)
+    stats.record("error", 50.0)
+    clock.now += 30
+    stats.record("ok", 5.0)
+    assert stats.snapshot()["count"] == 2
+    clock.now += 40
+    snap = stats.snapshot()
+    assert snap["count"] == 1 and snap["outcomes"]["error"] == 0
+    clock.now += 61
+    assert stats.snapshot()["count"] == 0 and stats.snapshot()["p50_ms"] is None
+
+
+def test_cache_hit_ratio_counts_stale_answers_as_hits() -> None:
+    cache = CacheStats(clock=Clock())
+    for event in ("hit", "stale", "miss", "bypass", "singleflight_wait", "refresh"):
+        cache(event)
+    assert cache.snapshot() == {"lookups": 4, "hits": 2, "hit_ratio": 0.5}
