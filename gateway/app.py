@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 from cache.store import CacheUnavailable
 from gateway import admin, log, runtime
 from gateway import config as config_mod
-from gateway.diagnostics import start_tracing_from_env
+from gateway.diagnostics import LoopLag, start_tracing_from_env
 from gateway.edge import EndpointHandler
 from gateway.errors import ConfigError, SourceError
 from gateway.metrics import Metrics, multiprocess_dir, request_observer, sample_forever
@@ -47,6 +47,7 @@ class Gateway:
         self.app: FastAPI | None = None
         self.metrics = Metrics(lambda: self._runtime)
         self.stats = Stats()
+        self.lag = LoopLag(on_lag=self.metrics.loop_lag, warn_every_s=10.0, stall_ms=100.0)
 
     def current(self) -> runtime.Runtime:
         """Return the runtime requests start on now."""
@@ -167,6 +168,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start_tracing_from_env()  # GATEWAY_TRACEMALLOC=1: for /admin/debug/memory
         await gw.start()
+        gw.lag.start()
         background = []
         if watch:
             background.append(asyncio.create_task(_watch(gw)))
@@ -180,9 +182,11 @@ def create_app(
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await gw.lag.stop()
             await gw.stop()
             if multiprocess_dir() is not None:
                 multiprocess.mark_process_dead(os.getpid())
+            await asyncio.to_thread(log.flush)  # the last lines, before the process may exit
 
     app = FastAPI(
         title="Aggregation gateway", version="0.1.0", lifespan=lifespan, **_no_framework_telemetry()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -38,10 +41,108 @@ def configure(fmt: str | None = None, level: int | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *_: _writer_for(sys.stderr),
         # Not cached: a cached logger would escape later reconfiguration (and capture_logs).
         cache_logger_on_first_use=False,
     )
+
+
+class LineWriter:
+    """A structlog logger whose lines a thread writes: a slow sink (a pipe nobody drains fast
+    enough, a disk in writeback) stalls that thread, never the event loop and every request on it.
+
+    The event loop only appends to a queue. The thread writes what has gathered in one call.
+    Past `max_pending` lines waiting, new lines are dropped and counted, and the count is
+    written as soon as the sink takes lines again: memory stays bounded, the loss is said.
+    """
+
+    def __init__(self, file: TextIO, max_pending: int = 20_000) -> None:
+        self.file = file
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._queue: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        """Queue one line (the rendered event) for the writer thread."""
+        if self._thread is None:
+            self._start()
+        if self._queue.qsize() >= self.max_pending:
+            self.dropped += 1
+            return
+        self._queue.put(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def flush(self, timeout_s: float = 2.0) -> bool:
+        """Wait until every line queued so far is written; return False if `timeout_s` passed."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout_s)
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+                self._thread.start()
+
+    def _forked(self) -> None:
+        # A forked child has the queue but not the thread: it starts its own on its first line.
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._start_lock = threading.Lock()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            lines = [item for item in batch if isinstance(item, str)]
+            if self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                lines.append(_json({"event": "log_lines_dropped", "count": dropped}))
+            if lines:
+                try:
+                    self.file.write("\n".join(lines) + "\n")
+                    self.file.flush()
+                except (OSError, ValueError):
+                    pass  # A closed or broken sink: nothing to tell it, and no caller to fail.
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    item.set()
+
+
+_writers: dict[int, LineWriter] = {}
+
+
+def _writer_for(file: TextIO) -> LineWriter:
+    """Return the one writer of `file` (loggers are made per call: they share it)."""
+    writer = _writers.get(id(file))
+    if writer is None or writer.file is not file:
+        writer = _writers[id(file)] = LineWriter(file)
+    return writer
+
+
+def flush(timeout_s: float = 2.0) -> None:
+    """Write out every log line queued so far (at shutdown, and before reading a log)."""
+    for writer in list(_writers.values()):
+        writer.flush(timeout_s)
+
+
+def _forked() -> None:
+    for writer in _writers.values():
+        writer._forked()
+
+
+atexit.register(flush)
+os.register_at_fork(after_in_child=_forked)
 
 
 def _json(event: Any, **_: Any) -> str:
@@ -69,6 +170,8 @@ class RequestInfo:
     complete: bool | None = None
     disconnected: bool = False
     calls: dict[str, Any] = field(default_factory=dict)
+    fanout: tuple[float, float] | None = None
+    """(ms from the handler's start to the fan-out's, the fan-out's ms) when one ran for it."""
 
 
 current: ContextVar[RequestInfo | None] = ContextVar("gateway_request", default=None)
@@ -138,5 +241,6 @@ class AccessLog:
                 cache=info.cache or None,
                 complete=info.complete,
                 calls=info.calls or None,
+                fanout=info.fanout,
             )
             current.reset(token)
