@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cache.store import CacheUnavailable
 from gateway.config import redact_text
-from gateway.diagnostics import memory_report, process_report
+from gateway.diagnostics import LoopLag, memory_report, process_report
 from gateway.errors import ConfigError, SourceError
 from gateway.metrics import live_samples
 
@@ -111,7 +111,7 @@ def router(gw: Gateway, token: str) -> APIRouter:
     @api.get("/sources")
     async def sources() -> JSONResponse:
         """Live statistics of every source over the sliding window."""
-        return JSONResponse(sources_report(gw.current()))
+        return JSONResponse(sources_report(gw.current(), gw.lag))
 
     @api.get("/debug/memory")
     async def memory(limit: int = Query(10, ge=1, le=100)) -> JSONResponse:
@@ -153,9 +153,9 @@ def changes(old: Runtime, new: Runtime) -> dict[str, list[str]]:
     return {"kept": kept, "opened": opened, "closing": closing}
 
 
-def sources_report(rt: Runtime) -> dict[str, Any]:
+def sources_report(rt: Runtime, lag: LoopLag | None = None) -> dict[str, Any]:
     """Return every source's window statistics with its kind, breaker state and pool usage, and
-    the process's own: asyncio tasks, RSS and the cache's connections."""
+    the process's own: asyncio tasks, RSS, the event loop's lag and the cache's connections."""
     live: dict[str, dict[str, float]] = {}
     for metric, source, value in live_samples(rt):
         live.setdefault(source, {})[metric.removeprefix("gateway_")] = value
@@ -179,7 +179,7 @@ def sources_report(rt: Runtime) -> dict[str, Any]:
         "time": time.time(),
         "sources": report,
         "cache": rt.stats.cache.snapshot(),
-        "process": {**process_report(), "cache_pool": _cache_pool(rt)},
+        "process": {**process_report(lag), "cache_pool": _cache_pool(rt)},
     }
 
 

@@ -70,14 +70,23 @@ class EndpointHandler:
         loop = asyncio.get_running_loop()
         # The deadline caps everything the client waits for: cache reads, waits for another
         # request's fan-out, the fan-out, and the cache write after it (`reserve`).
-        deadline = loop.time() + plan.deadline
+        arrived = loop.time()
+        deadline = arrived + plan.deadline
         cached = plan.id in runtime.cache_policies
         reserve = runtime.loaded.config.cache.op_timeout_ms / 1000 if cached else 0.0
 
         async def compute() -> Entry:
             # A background refresh has no client waiting: it gets a whole deadline of its own.
             ends = deadline - reserve if leaving.watch_if_in_request() else None
+            began = loop.time()
             composite = await execute(plan, runtime.sources, params, request_id, ends, headers)
+            if ends is not None and info is not None:
+                # When the fan-out began and how long it took: the rest of the request's time
+                # went to the cache, waits for another fan-out and the answer's own work.
+                info.fanout = (
+                    round((began - arrived) * 1000, 1),
+                    round((loop.time() - began) * 1000, 1),
+                )
             fresh.append(composite)
             runtime.observe(plan, composite)  # here, so background refreshes count too
             if composite.failed is not None:

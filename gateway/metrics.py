@@ -40,6 +40,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REQUEST_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
 BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 """`gateway_breaker_state`: 0 closed, 1 half open, 2 open."""
 
@@ -121,6 +123,13 @@ class Metrics:
             ["source", "state"],
             registry=r,
         )
+        self.loop_lag_seconds = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 25 ms: a starved or blocked process.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = self.loop_lag_seconds.observe
         self._calls: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._routes: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._cache_events: dict[str, Any] = {}

@@ -59,6 +59,7 @@ async def test_sources_report_has_the_process_tasks_rss_and_cache_pool(config_fi
         idle = (await get_json(http, f"{url}/admin/sources"))[1]["process"]
         assert idle["pid"] == os.getpid()
         assert idle["tasks"] >= 1 and idle["rss_kb"] > 1000
+        assert set(idle["loop_lag_ms"]) == {"worst", "stall_ms", "stalls"}
         # 40 concurrent misses: tasks and Redis connections come and go with them.
         statuses = []
         for resp in await asyncio.gather(*(http.get(f"{url}/products/{i}") for i in range(1, 41))):
@@ -74,6 +75,16 @@ async def test_sources_report_has_the_process_tasks_rss_and_cache_pool(config_fi
         # The simulators share this loop (a task per keep-alive connection), so whether tasks
         # return to their baseline is for the chaos run's separate processes to show.
         assert isinstance(after["tasks"], int) and after["tasks"] >= 1
+        # The loop's lag is measured all along, for the histogram too.
+        async with http.get(f"{url}/metrics") as resp:
+            exposition = await resp.text()
+        assert "gateway_event_loop_lag_seconds_count" in exposition
+        count = next(
+            float(line.split()[-1])
+            for line in exposition.splitlines()
+            if line.startswith("gateway_event_loop_lag_seconds_count")
+        )
+        assert count >= 1
 
 
 async def test_debug_memory_is_409_unless_tracemalloc_was_asked_for(

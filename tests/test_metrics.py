@@ -212,8 +212,12 @@ async def test_access_log_has_one_json_line_per_request_with_its_calls(
     assert first["calls"]["reviews"]["outcome"] == "error"
     assert first["calls"]["price"]["outcome"] == "ok"
     assert all(isinstance(c["ms"], float) for c in first["calls"].values())
+    # When its fan-out began (after the cache lookup) and how long it ran, inside the total.
+    began, ran = first["fanout"]  # each rounded to 0.1 ms
+    assert began >= 0 and ran >= max(c["ms"] for c in first["calls"].values()) - 0.1
+    assert began + ran <= first["ms"] + 0.1
     # Partial answers are cached briefly: the second is a hit and ran no calls.
-    assert second["cache"] == "HIT" and second["calls"] is None
+    assert second["cache"] == "HIT" and second["calls"] is None and second["fanout"] is None
 
 
 async def test_console_log_format_is_readable(
