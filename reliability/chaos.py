@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import tree_version  # noqa: E402
 from gateway.catalog import seed_mysql  # noqa: E402
+from gateway.diagnostics import LoopLag  # noqa: E402
 from reliability.harness import (  # noqa: E402
     SERVICES,
     Stack,
@@ -40,7 +41,6 @@ from reliability.harness import (  # noqa: E402
 )
 from reliability.load import (  # noqa: E402
     IdMix,
-    LoopLag,
     Sample,
     client_session,
     counts,
@@ -194,6 +194,7 @@ def admin_state(st: Stack) -> dict[str, Any]:
         "pools": {n: int(s["pool"]["in_use"] or 0) for n, s in report["sources"].items()},
         "cache_pool": process["cache_pool"],
         "breakers": {n: s["breaker"] for n, s in report["sources"].items() if s["breaker"]},
+        "loop_lag_ms": process.get("loop_lag_ms"),
     }
 
 
@@ -236,7 +237,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         start = loop.time() + 0.2
         faults = FaultLog()
         rss: dict[str, int] = {}
-        lag = LoopLag()
+        lag = LoopLag(every_s=0.01)
         lag.start()
 
         async def sample_rss() -> None:
@@ -285,7 +286,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         st.gateway.check_alive()
         after = await settle(st, baseline, within_s=20.0)
         rss["after_settle"] = rss_kb(pid)
-        server = server_view(st.gateway.log, DEADLINE_MS + SLACK_MS)
+        limit = DEADLINE_MS + SLACK_MS
+        server = server_view(
+            st.gateway.log, limit, ids=(s.request_id for s in samples if s.ms > limit)
+        )
         summary = summarize(
             args, samples, shed, send_lag_ms, lag, faults, baseline, after, rss_idle, rss, server
         )
@@ -394,14 +398,19 @@ def summarize(
         "fault_events": faults.events,
         "latency_ms": latency_figures(samples),
         "over_limit": len(late),
-        "worst": [asdict(s) for s in late[:5]] or [asdict(max(answered, key=lambda s: s.ms))]
+        # Each with the gateway's own view of it: a gap between the two is time the request
+        # spent outside the gateway's handler (its loop busy or stalled, the client's).
+        "worst": [{**asdict(s), "server": server["by_id"].get(s.request_id)} for s in late[:5]]
+        or [asdict(max(answered, key=lambda s: s.ms))]
         if answered
         else [],
         "client": {
             "worst_send_lag_ms": round(send_lag_ms, 1),
             "worst_loop_lag_ms": round(lag.worst_ms, 1),
-            "loop_lags_over_20ms": lag.over_20ms,
+            "loop_lags_over_20ms": lag.stalls,
         },
+        # The gateway's own: a stall there delays every request in flight, whatever its sources.
+        "gateway_loop_lag_ms": after.get("loop_lag_ms"),
         "server_slow": server["slow"],
         "server_slow_count": server["slow_count"],
         "server_errors": server["errors"],

@@ -117,9 +117,14 @@ def counts(values: Iterable[Any]) -> dict[str, int]:
     return {str(k): v for k, v in sorted(Counter(values).items(), key=lambda kv: str(kv[0]))}
 
 
-def server_view(log: Path, over_ms: float, limit: int = 8) -> dict[str, Any]:
+def server_view(
+    log: Path, over_ms: float, limit: int = 8, ids: Iterable[str] = ()
+) -> dict[str, Any]:
     """Read the gateway's JSON log: its slowest access lines past `over_ms` (the gateway's own
-    time, per call), 5xx access lines, and lines logged at error level."""
+    time, per call), 5xx access lines, lines logged at error level, and the access lines of the
+    requests `ids` (those a client found slow: the gateway's view of them)."""
+    wanted = set(ids)
+    by_id: dict[str, dict[str, Any]] = {}
     slow: list[dict[str, Any]] = []
     errors: list[str] = []
     requests = 0
@@ -139,53 +144,31 @@ def server_view(log: Path, over_ms: float, limit: int = 8) -> dict[str, Any]:
             continue
         requests += 1
         statuses[int(entry.get("status", 0))] += 1
+        if entry.get("request_id") in wanted:
+            by_id[entry["request_id"]] = _compact(entry)
         if float(entry.get("ms", 0)) > over_ms:
-            slow.append(
-                {
-                    "ms": entry.get("ms"),
-                    "status": entry.get("status"),
-                    "cache": entry.get("cache"),
-                    "request_id": entry.get("request_id"),
-                    "calls": {k: [v.get("outcome"), v.get("ms")] for k, v in entry["calls"].items()}
-                    if isinstance(entry.get("calls"), dict)
-                    else entry.get("calls"),
-                }
-            )
+            slow.append(_compact(entry))
     slow.sort(key=lambda e: -float(e["ms"]))
     return {
         "requests": requests,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "slow": slow[:limit],
         "slow_count": len(slow),
+        "by_id": by_id,
         "errors": errors[:limit],
         "error_count": len(errors),
     }
 
 
-class LoopLag:
-    """How late this event loop wakes up: a ticker every 10 ms records its worst overshoot, so a
-    slow answer measured here can be told apart from a client that was not running."""
-
-    def __init__(self, every_s: float = 0.01) -> None:
-        self.every_s = every_s
-        self.worst_ms = 0.0
-        self.over_20ms = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._tick())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + self.every_s
-            await asyncio.sleep(self.every_s)
-            late = (loop.time() - due) * 1000
-            self.worst_ms = max(self.worst_ms, late)
-            if late > 20:
-                self.over_20ms += 1
+def _compact(entry: dict[str, Any]) -> dict[str, Any]:
+    """Return an access line's figures: time, status, cache, fan-out and each call's outcome."""
+    return {
+        "ms": entry.get("ms"),
+        "status": entry.get("status"),
+        "cache": entry.get("cache"),
+        "request_id": entry.get("request_id"),
+        "fanout": entry.get("fanout"),
+        "calls": {k: [v.get("outcome"), v.get("ms")] for k, v in entry["calls"].items()}
+        if isinstance(entry.get("calls"), dict)
+        else entry.get("calls"),
+    }
