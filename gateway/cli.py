@@ -32,6 +32,8 @@ def serve(
     """Run the gateway under uvicorn (uvloop, httptools) until interrupted."""
     import uvicorn
 
+    from gateway.server import http_protocol
+
     if check_quietly(path) != 0:
         return 1
     os.environ["GATEWAY_CONFIG"] = path
@@ -50,7 +52,7 @@ def serve(
             port=port,
             workers=workers,
             loop="uvloop",
-            http="httptools",
+            http=http_protocol(),  # httptools, one write per response
             log_level=log_level,
             access_log=False,
             lifespan="on",

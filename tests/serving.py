@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from gateway import config
 from gateway.app import create_app
+from gateway.server import http_protocol
 from gateway.simulator import Simulators
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,13 @@ async def serving(app: FastAPI) -> AsyncIterator[str]:
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="error", access_log=False, lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="error",
+            access_log=False,
+            lifespan="on",
+            http=http_protocol(),  # as `gateway serve` runs it
         )
     )
     server.config.setup_event_loop = lambda: None  # type: ignore[method-assign]

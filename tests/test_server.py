@@ -1,0 +1,173 @@
+"""The HTTP protocol `gateway serve` runs: uvicorn's httptools protocol writing each response in
+one system call. A real uvicorn server on a loopback port, its transport's writes recorded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import uvicorn
+
+from gateway.server import HeadWithBody, OneWriteHttpToolsProtocol, http_protocol
+from tests.serving import free_port
+
+WRITES: list[bytes] = []
+
+
+class Recorder:
+    """A transport that records what is written to it, and passes everything on."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def write(self, data: bytes) -> None:
+        WRITES.append(bytes(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class RecordedProtocol(OneWriteHttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(Recorder(transport))  # type: ignore[arg-type]
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/upload":
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        reply = b"got " + body
+    else:
+        reply = b"hello"
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(reply)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    if scope["path"] == "/fails":
+        raise RuntimeError("the app fails after starting its answer")
+    await send({"type": "http.response.body", "body": reply})
+
+
+@asynccontextmanager
+async def server() -> AsyncIterator[int]:
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="critical", http=RecordedProtocol
+    )
+    srv = uvicorn.Server(config)
+    srv.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(srv.serve())
+    while not srv.started:
+        assert not task.done()
+        await asyncio.sleep(0.01)
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def exchange(port: int, request: bytes, expect_continue: bool = False) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if expect_continue:
+            head, body = request.split(b"\r\n\r\n", 1)
+            writer.write(head + b"\r\n\r\n")
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            writer.write(body)
+        else:
+            writer.write(request)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def test_gateway_serve_uses_the_one_write_protocol() -> None:
+    # If uvicorn ever drops the hook, this says so instead of silently writing twice.
+    assert http_protocol() is OneWriteHttpToolsProtocol
+
+
+async def test_a_response_leaves_in_one_write() -> None:
+    WRITES.clear()
+    async with server() as port:
+        got = await exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\nhello")
+    assert WRITES == [got]
+
+
+async def test_keep_alive_responses_each_leave_in_one_write() -> None:
+    WRITES.clear()
+    async with server() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(3):
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+        writer.close()
+    assert len(WRITES) == 3 and all(w.endswith(b"hello") for w in WRITES)
+
+
+async def test_an_interim_100_continue_is_not_held() -> None:
+    WRITES.clear()
+    request = (
+        b"POST /upload HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 3\r\n"
+        b"connection: close\r\n\r\nabc"
+    )
+    async with server() as port:
+        got = await exchange(port, request, expect_continue=True)
+    assert got.endswith(b"got abc")
+    assert WRITES[0] == b"HTTP/1.1 100 Continue\r\n\r\n" and WRITES[1] == got
+
+
+async def test_an_app_failing_after_its_head_still_gets_the_head_out_before_the_close() -> None:
+    WRITES.clear()
+    async with server() as port:
+        got = await exchange(port, b"GET /fails HTTP/1.1\r\nhost: x\r\n\r\n")
+    # What plain uvicorn sends too: the head, then the connection closes (no body).
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\n")
+    assert WRITES == [got]
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+@pytest.mark.parametrize(
+    ("sent", "written"),
+    [
+        ([b"HTTP/1.1 200 OK\r\n\r\n", b"body"], [b"HTTP/1.1 200 OK\r\n\r\nbody"]),
+        ([b"HTTP/1.1 304 Not Modified\r\n\r\n", b""], [b"HTTP/1.1 304 Not Modified\r\n\r\n"]),
+        ([b"HTTP/1.1 100 Continue\r\n\r\n"], [b"HTTP/1.1 100 Continue\r\n\r\n"]),
+        ([b"5\r\nhello\r\n", b"0\r\n\r\n"], [b"5\r\nhello\r\n", b"0\r\n\r\n"]),
+    ],
+)
+def test_head_with_body_joins_only_a_head_and_what_follows_it(
+    sent: list[bytes], written: list[bytes]
+) -> None:
+    sink = Sink()
+    transport = HeadWithBody(sink)  # type: ignore[arg-type]
+    for data in sent:
+        transport.write(data)
+    assert sink.writes == written
+    assert transport.is_closing() is False  # everything else is the real transport's
