@@ -59,7 +59,8 @@ class LineWriter:
     def __init__(self, file: TextIO, max_pending: int = 20_000) -> None:
         self.file = file
         self.max_pending = max_pending
-        self.dropped = 0
+        self.dropped = 0  # lines dropped since the start; only the callers' thread adds to it
+        self._reported = 0  # of those, how many a log_lines_dropped line has told; the writer's
         self._queue: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -105,9 +106,11 @@ class LineWriter:
                 except queue.Empty:
                     break
             lines = [item for item in batch if isinstance(item, str)]
-            if self.dropped:
-                dropped, self.dropped = self.dropped, 0
-                lines.append(_json({"event": "log_lines_dropped", "count": dropped}))
+            dropped = self.dropped
+            if dropped > self._reported:
+                count = dropped - self._reported
+                lines.append(_json({"event": "log_lines_dropped", "count": count}))
+                self._reported = dropped
             if lines:
                 try:
                     self.file.write("\n".join(lines) + "\n")
