@@ -17,7 +17,7 @@ def composite_key(
     """
     if len(params) > 1:
         params = sorted(params, key=_name)
-    query = "&".join(f"{_part(name)}={_value(value)}" for name, value in params)
+    query = "&".join(f"{_name_part(name)}={_value(value)}" for name, value in params)
     return _head(prefix, endpoint, digest) + query
 
 
@@ -27,7 +27,16 @@ def _head(prefix: str, endpoint: str, digest: str) -> str:
     return f"{prefix}{quote(endpoint, safe='/')}:{_part(digest)}:"
 
 
+@functools.lru_cache(maxsize=1024)
+def _name_part(name: str) -> str:
+    # Parameter names come from the config: the same few, encoded once.
+    return _part(name)
+
+
 def _part(text: str) -> str:
+    # Letters and digits are never percent-encoded: the common id is returned as it is.
+    if text.isascii() and text.isalnum():
+        return text
     return quote(text, safe="")
 
 
@@ -40,6 +49,8 @@ def _value(value: object) -> str:
     # bool comes before int so that True and 1 stay apart.
     if value is None or isinstance(value, bool):
         return {None: "!null", True: "!true", False: "!false"}[value]
+    if type(value) is int:
+        return str(value)  # digits and a minus sign: nothing to encode
     if isinstance(value, float):
         return _part(repr(value))
     return _part(str(value))
