@@ -51,14 +51,16 @@ class LineWriter:
     """A structlog logger whose lines a thread writes: a slow sink (a pipe nobody drains fast
     enough, a disk in writeback) stalls that thread, never the event loop and every request on it.
 
-    The event loop only appends to a queue. The thread writes what has gathered in one call.
+    The event loop only appends to a queue. The thread wakes at the first line, lets the lines
+    of the next `gather_s` gather, and writes them in one call.
     Past `max_pending` lines waiting, new lines are dropped and counted, and the count is
     written as soon as the sink takes lines again: memory stays bounded, the loss is said.
     """
 
-    def __init__(self, file: TextIO, max_pending: int = 20_000) -> None:
+    def __init__(self, file: TextIO, max_pending: int = 20_000, gather_s: float = 0.01) -> None:
         self.file = file
         self.max_pending = max_pending
+        self.gather_s = gather_s
         self.dropped = 0  # lines dropped since the start; only the callers' thread adds to it
         self._reported = 0  # of those, how many a log_lines_dropped line has told; the writer's
         self._queue: queue.SimpleQueue[str | threading.Event] = queue.SimpleQueue()
@@ -99,8 +101,11 @@ class LineWriter:
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < 1000:
+            batch = [self._queue.get()]  # idle: wait for the first line
+            # Then let more gather: while this thread sleeps, a line costs its caller a bare
+            # append, not a wake-up of this thread (and the GIL hand-over that comes with it).
+            time.sleep(self.gather_s)
+            while True:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
