@@ -11,11 +11,12 @@ import hmac
 import os
 import time
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cache.store import CacheUnavailable
@@ -48,6 +49,12 @@ class PurgeRequest(BaseModel):
         return self
 
 
+# Declares the scheme in the OpenAPI (`adminToken`); the check itself is `authorizer`'s.
+_BEARER = Depends(
+    HTTPBearer(auto_error=False, scheme_name="adminToken", description=f"the value of {TOKEN_ENV}")
+)
+
+
 def token_from_env() -> str | None:
     """Return the admin token, or None when admin is disabled (unset or empty)."""
     return os.environ.get(TOKEN_ENV) or None
@@ -61,10 +68,12 @@ def authorizer(token: str) -> Any:
     """
     expected = token.encode()
 
-    async def authorize(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer":
+    async def authorize(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, _BEARER]
+    ) -> None:
+        if credentials is not None:
+            given = credentials.credentials
+        else:
             given = request.query_params.get("token", "") if request.method == "GET" else ""
         # compare_digest: how long the comparison takes says nothing about the token.
         if not hmac.compare_digest(given.strip().encode(), expected):
@@ -80,7 +89,10 @@ def authorizer(token: str) -> Any:
 def router(gw: Gateway, token: str) -> APIRouter:
     """Return the admin routes for `gw`, each behind the token."""
     api = APIRouter(
-        prefix="/admin", dependencies=[Depends(authorizer(token))], include_in_schema=False
+        prefix="/admin",
+        tags=["admin"],
+        dependencies=[Depends(authorizer(token))],
+        responses={401: {"description": "no admin token, or a wrong one"}},
     )
 
     @api.get("/config")
@@ -88,7 +100,13 @@ def router(gw: Gateway, token: str) -> APIRouter:
         """The effective config, every secret replaced by ***."""
         return JSONResponse({"file": gw.loaded.file, "config": gw.loaded.redacted()})
 
-    @api.post("/reload")
+    @api.post(
+        "/reload",
+        responses={
+            400: {"description": "the file is invalid: its `file:line` problems; nothing changed"},
+            502: {"description": "a new source could not start; nothing changed"},
+        },
+    )
     async def reload() -> JSONResponse:
         """Validate the config file again and swap to it; a bad file changes nothing (400)."""
         old = gw.current()
@@ -113,7 +131,7 @@ def router(gw: Gateway, token: str) -> APIRouter:
         """Live statistics of every source over the sliding window."""
         return JSONResponse(sources_report(gw.current(), gw.lag))
 
-    @api.get("/debug/memory")
+    @api.get("/debug/memory", responses={409: {"description": "tracemalloc is off"}})
     async def memory(limit: int = Query(10, ge=1, le=100)) -> JSONResponse:
         """tracemalloc's largest allocation sites; 409 unless the gateway runs with
         GATEWAY_TRACEMALLOC=1."""
@@ -127,12 +145,12 @@ def router(gw: Gateway, token: str) -> APIRouter:
             )
         return JSONResponse(report)
 
-    @api.get("/dashboard")
+    @api.get("/dashboard", response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:
         """The operator's dashboard page (it polls /admin/sources)."""
         return HTMLResponse(DASHBOARD, headers={"cache-control": "no-store"})
 
-    @api.post("/cache/purge")
+    @api.post("/cache/purge", responses={503: {"description": "the cache backend is down"}})
     async def purge(body: PurgeRequest) -> JSONResponse:
         """Remove cached answers by key or by tag; returns how many keys were removed."""
         try:

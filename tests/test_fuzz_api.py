@@ -1,5 +1,6 @@
-"""Fuzz the running app from its own /openapi.json with schemathesis: no undeclared 5xx, and every
-response conforms to its declared status codes, content type and schema.
+"""Fuzz the running app from its own /openapi.json with schemathesis, admin routes included (with
+the token): no undeclared 5xx, and every response conforms to its declared status codes, content
+type and schema.
 
 The app is the shipped gateway.yaml against the simulated services and the real MariaDB
 catalog, served by uvicorn on loopback from a thread of its own (schemathesis calls are
@@ -35,6 +36,16 @@ from tests.config_files import GENEROUS, server_env
 from tests.serving import serving_config
 
 MAX_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "40"))
+TOKEN = "fuzz-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ADMIN = {
+    "GET /admin/config",
+    "POST /admin/reload",
+    "GET /admin/sources",
+    "GET /admin/debug/memory",
+    "GET /admin/dashboard",
+    "POST /admin/cache/purge",
+}
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 SHIPPED = (Path(__file__).resolve().parent.parent / "gateway.yaml").read_text()
 
@@ -47,9 +58,13 @@ def catalog_dsn(mysql_url: str) -> str:
 
 
 @pytest.fixture
-def app_url(catalog_dsn: str) -> Iterator[tuple[str, Simulators]]:
-    """Serve the shipped config (its timeouts generous) from a thread; yield its base URL and
-    the simulated services (their `behaviour` dicts may be changed from the test's thread)."""
+def app_url(
+    catalog_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Simulators]]:
+    """Serve the shipped config (its timeouts generous) from a thread, admin enabled; yield its
+    base URL and the simulated services (their `behaviour` dicts may be changed from the test's
+    thread). The config is a file and its variables are in the environment, so a fuzzed
+    `POST /admin/reload` reloads the same config, as it would in production."""
     ready: list[tuple[str, Simulators]] = []
     started = threading.Event()
     stops: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -61,9 +76,11 @@ def app_url(catalog_dsn: str) -> Iterator[tuple[str, Simulators]]:
             text = SHIPPED
             for old, new in GENEROUS.items():
                 text = text.replace(old, new)
-            loaded = config.loads(
-                text, "gateway.yaml", server_env(sims, catalog_dsn, "memory://", None)
-            )
+            path = tmp_path / "gateway.yaml"
+            path.write_text(text)
+            for name, value in server_env(sims, catalog_dsn, "memory://", TOKEN).items():
+                monkeypatch.setenv(name, value)
+            loaded = config.load(str(path))
             stop = asyncio.Event()
             stops.append((asyncio.get_running_loop(), stop))
             async with serving_config(loaded) as url:
@@ -109,7 +126,7 @@ def test_fuzzed_requests_get_only_declared_statuses_and_schema_conforming_bodies
     assert all(isinstance(r, Ok) for r in results), results  # the app's OpenAPI is valid
     operations = [r.ok() for r in results if isinstance(r, Ok)]
     labels = {op.label for op in operations}
-    assert {"GET /products/{id}", "GET /healthz", "GET /readyz"} <= labels, labels
+    assert {"GET /products/{id}", "GET /healthz", "GET /readyz", *ADMIN} <= labels, labels
     statuses: Counter[tuple[str, int]] = Counter()
     with requests.Session() as session:
         for operation in operations:
@@ -125,6 +142,10 @@ def test_fuzzed_requests_get_only_declared_statuses_and_schema_conforming_bodies
     print("fuzzed:", dict(sorted(statuses.items())))
     seen = {s for (label, s) in statuses if label == "GET /products/{id}"}
     assert 200 in seen and 422 in seen, statuses  # both kinds of input were tried
+    # The admin routes were fuzzed behind the token, not just turned away at the door.
+    assert all(statuses[(label, 200)] for label in ADMIN - {"GET /admin/debug/memory"}), statuses
+    assert statuses[("GET /admin/debug/memory", 409)], statuses  # tracemalloc is off here
+    assert statuses[("POST /admin/cache/purge", 422)], statuses  # negative bodies were tried
 
 
 def fuzz(
@@ -146,7 +167,7 @@ def fuzz(
     )
     @given(case=operation.as_strategy(generation_mode=mode))
     def one(case: Any) -> None:
-        response = case.call(base_url=base_url, session=session, timeout=10)
+        response = case.call(base_url=base_url, session=session, timeout=10, headers=AUTH)
         statuses[(operation.label, response.status_code)] += 1
         # not_a_server_error, adapted: a 5xx fails unless the operation declares it
         # (502/503/504 when a required call fails).
