@@ -48,6 +48,7 @@ def instant(name: str) -> Upstream:
 
 
 def scope(path: str) -> dict[str, Any]:
+    """Return the ASGI scope of a plain `GET path` (shared with tests/test_edge.py)."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import prepend_run, tree_version  # noqa: E402
 from gateway.catalog import seed_mysql  # noqa: E402
+from reliability.harness import free_ports  # noqa: E402
 
 SERVICES = ("pricing", "inventory", "reviews", "recs")
 LATENCY = {"pricing": 20, "inventory": 30, "reviews": 50, "recs": 40}
@@ -125,24 +126,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def free_port_base(count: int) -> int:
-    """Return the first of `count` consecutive free ports."""
-    for base in range(9201, 9999, count):
-        try:
-            socks = []
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range between 9201 and 9999")
 
 
 @contextmanager
@@ -469,7 +452,7 @@ def main() -> None:
 
     logs = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / f"gwbench-{uuid.uuid4().hex[:8]}"
     logs.mkdir(parents=True)
-    base = free_port_base(4)
+    base = free_ports(4)
     sim_urls = {name: f"http://127.0.0.1:{base + i}" for i, name in enumerate(SERVICES)}
     ports = {"baseline": free_port(), "gateway": free_port()}
     prefix = f"gwbench:{uuid.uuid4().hex[:8]}:"

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from bench.overhead import scope
 from gateway.app import create_app
 from gateway.catalog import seed_sqlite
 from gateway.simulator import Simulators
@@ -21,23 +22,6 @@ def sqlite_catalog(tmp_path: Path) -> str:
     path = tmp_path / "catalog.db"
     seed_sqlite(str(path), 100)
     return f"sqlite:///{path}"
-
-
-def scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
 
 
 async def test_client_disconnect_cancels_the_fan_out_and_sends_nothing(
