@@ -14,11 +14,6 @@ the system resolver, which may ask a DNS server off this machine, and these test
 from __future__ import annotations
 
 import asyncio
-import getpass
-import os
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +30,7 @@ from gateway.config import HttpSourceConfig, SqlSourceConfig
 from gateway.errors import SourceError
 from gateway.plan import Guarded, guard, open_upstream
 from gateway.types import JSON, Call, Upstream
+from reliability.harness import MariaDB, free_ports
 from tests.upstream_server import (
     Handler,
     UpstreamServer,
@@ -406,104 +402,17 @@ async def test_sql_bulkhead_fails_fast_instead_of_queueing_for_the_pool(mysql_ur
 # installed binaries, on a spare port, in its own data directory (never the shared one).
 
 
-@dataclass
-class Throwaway:
-    """A private mariadbd: its data directory, port and process (started and killed by us)."""
-
-    binary: str
-    datadir: str
-    port: int
-    log: str
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def dsn(self) -> str:
-        return f"mysql://root@127.0.0.1:{self.port}/faults"
-
-    def start(self) -> None:
-        """Start mariadbd and wait (at most 15 s) until it accepts connections."""
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    self.binary,
-                    "--no-defaults",
-                    f"--datadir={self.datadir}/data",
-                    f"--socket={self.datadir}/mysqld.sock",
-                    f"--pid-file={self.datadir}/mysqld.pid",
-                    f"--port={self.port}",
-                    "--bind-address=127.0.0.1",
-                    "--skip-name-resolve",
-                    "--innodb-buffer-pool-size=16M",
-                    f"--user={getpass.getuser()}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        for _ in range(150):
-            if self.proc.poll() is not None:
-                pytest.fail(f"mariadbd exited with {self.proc.returncode}; see {self.log}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        pytest.fail(f"mariadbd did not listen on 127.0.0.1:{self.port} within 15 s; see {self.log}")
-
-    def kill(self) -> None:
-        """Kill -9 the server we started, as a crash would, and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def _mariadb_binaries() -> tuple[str, str]:
-    found = []
-    for names in (("mariadbd", "mysqld"), ("mariadb-install-db", "mysql_install_db")):
-        path = next(
-            (
-                p
-                for n in names
-                for p in (shutil.which(n), f"/usr/sbin/{n}")
-                if p and os.access(p, os.X_OK)
-            ),
-            None,
-        )
-        if path is None:
-            pytest.fail(
-                f"{names[0]} is not installed: apt-get update && apt-get install -y mariadb-server",
-                pytrace=False,
-            )
-        found.append(path)
-    return found[0], found[1]
-
-
 @pytest.fixture(scope="module")
-def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
-    """A fresh MariaDB on a spare port with a tiny seeded table (about 5 s: the install)."""
-    binary, install = _mariadb_binaries()
-    base = tmp_path_factory.mktemp("mariadb")
-    server = Throwaway(binary, str(base), unused_port(), str(base / "server.log"))
-    subprocess.run(
-        [
-            install,
-            "--no-defaults",
-            f"--datadir={base}/data",
-            f"--user={getpass.getuser()}",
-            "--auth-root-authentication-method=normal",
-            "--skip-test-db",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=True,
-        timeout=120,
-    )
-    server.start()
+def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDB]:
+    """A fresh MariaDB on a spare port with a tiny seeded table (about 5 s: the install), the
+    reliability harness's (reliability/harness.py)."""
+    server = MariaDB(tmp_path_factory.mktemp("mariadb"), free_ports(1))
     try:
-        conn = pymysql.connect(unix_socket=f"{base}/mysqld.sock", user="root", autocommit=True)
+        server.install()
+        conn = pymysql.connect(
+            unix_socket=f"{server.workdir}/mysqld.sock", user="root", autocommit=True
+        )
         with conn.cursor() as cur:
-            # A fresh server's root may log in over the socket only: let it in over TCP too.
-            cur.execute("CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'")
-            cur.execute("GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION")
             cur.execute("CREATE DATABASE faults")
             cur.execute("CREATE TABLE faults.items (id INT PRIMARY KEY, name VARCHAR(20))")
             cur.executemany(
@@ -512,10 +421,10 @@ def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwaway]:
         conn.close()
         yield server
     finally:
-        server.kill()
+        server.crash()
 
 
-async def test_mariadb_restarting_mid_load(throwaway: Throwaway) -> None:
+async def test_mariadb_restarting_mid_load(throwaway: MariaDB) -> None:
     budget = 0.2
     by_id = "SELECT id, name FROM items WHERE id = %(id)s"
     fields = {"timeout_ms": int(budget * 1000), "pool": {"min": 2, "max": 4}}
@@ -541,13 +450,13 @@ async def test_mariadb_restarting_mid_load(throwaway: Throwaway) -> None:
     def since(t: float) -> list[str]:
         return [o for o, started, _ in log if started >= t]
 
-    async with sql_guarded(throwaway.dsn, **fields) as (db, upstream):
+    async with sql_guarded(throwaway.dsn("faults"), **fields) as (db, upstream):
         workers = [asyncio.ensure_future(worker(db, n)) for n in range(4)]
         try:
             await asyncio.sleep(0.4)
             assert set(since(0)) == {"ok"}, log
             killed = time.monotonic()
-            throwaway.kill()
+            throwaway.crash()
             await asyncio.sleep(0.5)
             # While it is down, every call fails (refused: error; or timeout) and fails in time.
             down = since(killed + 0.05)

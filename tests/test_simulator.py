@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -18,20 +17,7 @@ import pytest
 from gateway import catalog
 from gateway.simulator import Simulators, start_simulators
 
-
-@pytest.fixture
-async def sims() -> AsyncIterator[Simulators]:
-    s = await start_simulators()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+# `sims` and `http` are tests/conftest.py's fixtures.
 
 
 async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, object]:
