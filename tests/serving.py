@@ -15,6 +15,7 @@ from gateway import config
 from gateway.app import create_app
 from gateway.server import http_protocol
 from gateway.simulator import Simulators
+from tests.config_files import server_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,14 +29,7 @@ def free_port() -> int:
 
 def product_view_env(sims: Simulators, catalog_dsn: str, cache_url: str) -> dict[str, str]:
     """Return the environment that points the shipped gateway.yaml at test servers."""
-    return {
-        "CATALOG_DSN": catalog_dsn,
-        "REDIS_URL": cache_url,
-        "PRICING_URL": sims.urls["pricing"],
-        "INVENTORY_URL": sims.urls["inventory"],
-        "REVIEWS_URL": sims.urls["reviews"],
-        "RECS_URL": sims.urls["recs"],
-    }
+    return server_env(sims, catalog_dsn, cache_url, admin_token=None)
 
 
 def product_view_config(

@@ -9,28 +9,17 @@ Each request asks for a different product so the cache never answers in the upst
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from gateway.catalog import seed_sqlite
-from gateway.simulator import Simulators, start_simulators
+from gateway.simulator import Simulators
 from tests.config_files import GENEROUS
 from tests.serving import product_view_config, product_view_env, serving_config
 
 OPEN_S = 1.0
 MIN_CALLS = 20  # pricing's breaker in gateway.yaml: failure_ratio 0.5, min_calls 20
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[Simulators]:
-    s = await start_simulators()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_breaker_stops_calls_to_a_failing_upstream_and_closes_once_it_heals(

@@ -16,6 +16,7 @@ from gateway.config import HttpPool, HttpSourceConfig, PropagationConfig
 from gateway.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable
 from gateway.templates import parse
 from gateway.types import Call, Upstream
+from tests.payloads import HOSTILE
 from tests.upstream_server import (
     UpstreamServer,
     chunked,
@@ -32,21 +33,6 @@ from upstreams.http import http_source
 
 Start = Callable[..., Awaitable[Upstream]]
 Client = Literal["aiohttp", "httpx"]
-
-ATTACKS = [
-    "../",
-    "..",
-    ".",
-    "%2F",
-    "a/b",
-    "?x=1",
-    "#frag",
-    "//evil.example",
-    "http://evil.example/",
-    "a\r\nX-Injected: 1",
-    "a&b=c",
-    "é ü+",
-]
 
 
 def call(target: str, params: Mapping[str, Any] | None = None, **fields: Any) -> Call:
@@ -284,7 +270,7 @@ async def test_propagation_header_names_come_from_the_config(
     assert "X-Request-ID" not in headers and "X-Request-Deadline-Ms" not in headers
 
 
-@pytest.mark.parametrize("value", ATTACKS)
+@pytest.mark.parametrize("value", HOSTILE)
 async def test_path_value_stays_one_segment_on_the_same_host(
     server: UpstreamServer, source: Upstream, value: str
 ) -> None:
@@ -301,7 +287,7 @@ async def test_path_value_stays_one_segment_on_the_same_host(
     assert "X-Injected" not in seen.headers
 
 
-@pytest.mark.parametrize("value", ATTACKS)
+@pytest.mark.parametrize("value", HOSTILE)
 async def test_query_value_stays_one_parameter(
     server: UpstreamServer, source: Upstream, value: str
 ) -> None:

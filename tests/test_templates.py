@@ -8,23 +8,7 @@ import pytest
 
 from gateway import templates
 from gateway.templates import Unrenderable
-
-HOSTILE = [
-    "../",
-    "..",
-    ".",
-    "%2F",
-    "a/b",
-    "?x=1",
-    "#frag",
-    "//evil.example",
-    "http://evil.example/",
-    "a\r\nX-Injected: 1",
-    "@evil",
-    "%2e%2e",
-    "caf\u00e9",
-    " ",
-]
+from tests.payloads import HOSTILE
 
 
 @pytest.mark.parametrize("value", HOSTILE)
