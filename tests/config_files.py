@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from gateway.simulator import Simulators
 
@@ -88,6 +89,22 @@ def server_env(
     return env
 
 
+def set_server_env(
+    monkeypatch: pytest.MonkeyPatch,
+    sims: Simulators,
+    catalog_dsn: str,
+    cache_url: str,
+    admin_token: str | None = "admin-token",
+    **extra: str,
+) -> dict[str, str]:
+    """Put `server_env`'s variables (and `extra`) in this process's environment for the test, as a
+    served gateway (and its reloads) reads them; return them."""
+    env = {**server_env(sims, catalog_dsn, cache_url, admin_token), **extra}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
 @asynccontextmanager
 async def gateway_process(
     config: Path, port: int, env: Mapping[str, str], logs: Path, *args: str
@@ -124,15 +141,17 @@ async def gateway_process(
 
 
 async def wait_healthy(
-    base: str, proc: asyncio.subprocess.Process, logs: Path, within_s: float = 20
+    base: str, proc: asyncio.subprocess.Process, logs: Path | None, within_s: float = 20
 ) -> None:
-    """Return once `base/healthz` answers 200; fail if the process exits or time runs out."""
+    """Return once `base/healthz` answers 200; fail if the process exits (quoting `logs`, where
+    its stderr went to a file) or time runs out."""
     loop = asyncio.get_running_loop()
     ends = loop.time() + within_s
     async with aiohttp.ClientSession() as http:
         while loop.time() < ends:
             if proc.returncode is not None:
-                raise AssertionError(f"gateway exited with {proc.returncode}: {read(logs)}")
+                said = read(logs) if logs is not None else "(its stderr is a pipe)"
+                raise AssertionError(f"gateway exited with {proc.returncode}: {said}")
             try:
                 async with http.get(f"{base}/healthz") as resp:
                     if resp.status == 200:

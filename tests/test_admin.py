@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.plan import build_plan
 from gateway.simulator import Simulators
-from tests.config_files import config_text, read, server_env, write_atomically
+from tests.config_files import config_text, read, set_server_env, write_atomically
 from tests.serving import free_port, serving
 
 PRODUCTS = 500
@@ -31,10 +31,7 @@ def env(
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, str]:
-    values = {**server_env(sims, catalog_dsn, redis_url, TOKEN), "PRICING_TOKEN": SECRET}
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
+    return set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN, PRICING_TOKEN=SECRET)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from gateway.app import create_app
 from gateway.catalog import seed_mysql
 from gateway.errors import ConfigError
 from gateway.simulator import start_simulators
-from tests.config_files import server_env, write_atomically
+from tests.config_files import set_server_env, write_atomically
 from tests.serving import serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -641,9 +641,7 @@ async def test_reloading_each_broken_file_is_refused_and_the_running_config_keep
 ) -> None:
     sims = await start_simulators()
     try:
-        env = {**server_env(sims, catalog_dsn, "memory://", TOKEN)}
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
+        env = set_server_env(monkeypatch, sims, catalog_dsn, "memory://", TOKEN)
         path = tmp_path / "gateway.yaml"
         path.write_text(SHIPPED)
         # With the variables set, a case that only broke a default may be valid: not for here.

@@ -17,7 +17,7 @@ from selenium.webdriver.common.by import By
 
 from gateway.app import create_app
 from gateway.simulator import Simulators
-from tests.config_files import config_text, server_env
+from tests.config_files import config_text, set_server_env
 from tests.serving import serving
 
 pytestmark = pytest.mark.browser
@@ -61,8 +61,7 @@ async def test_dashboard_shows_every_source_of_the_config(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name, value in server_env(sims, catalog_dsn, redis_url, TOKEN).items():
-        monkeypatch.setenv(name, value)
+    set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN)
     path = tmp_path / "gateway.yaml"
     path.write_text(config_text(redis_prefix))
     sims.behaviour("reviews").update({"delay_ms": 20, "jitter_ms": 30})

@@ -17,7 +17,7 @@ from gateway import config
 from gateway.app import create_app
 from gateway.plan import build_plan
 from gateway.simulator import Simulators
-from tests.config_files import server_env
+from tests.config_files import set_server_env
 from tests.serving import serving
 
 DEADLINE_S = 1.0
@@ -54,8 +54,7 @@ def config_file(
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Path:
-    for name, value in server_env(sims, catalog_dsn, redis_url).items():
-        monkeypatch.setenv(name, value)
+    set_server_env(monkeypatch, sims, catalog_dsn, redis_url)
     path = tmp_path / "gateway.yaml"
     path.write_text(CONFIG.format(prefix=redis_prefix, deadline_ms=int(DEADLINE_S * 1000)))
     return path

@@ -6,29 +6,13 @@ import asyncio
 import os
 import signal
 import sys
-import time
 
 import aiohttp
 
+from tests.config_files import wait_healthy
 from tests.serving import free_port
 
 TOKEN = "demo-admin-token"
-
-
-async def wait_until_serving(
-    http: aiohttp.ClientSession, base: str, proc: asyncio.subprocess.Process, within_s: float = 30.0
-) -> None:
-    ends = time.monotonic() + within_s
-    while time.monotonic() < ends:
-        assert proc.returncode is None, "gateway demo exited early"
-        try:
-            async with http.get(f"{base}/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"gateway demo did not serve within {within_s} s")
 
 
 async def test_demo_serves_the_complete_product_view_reloads_and_stops_cleanly(
@@ -49,7 +33,7 @@ async def test_demo_serves_the_complete_product_view_reloads_and_stops_cleanly(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        await wait_until_serving(http, base, proc)
+        await wait_healthy(base, proc, None, within_s=30)
         async with http.get(f"{base}/products/42") as resp:
             assert resp.status == 200
             doc = await resp.json()

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 from gateway import config
 from gateway.catalog import seed_mysql
 from gateway.simulator import SERVICES, Simulators, start_simulators
-from tests.config_files import GENEROUS, server_env
+from tests.config_files import GENEROUS, set_server_env
 from tests.serving import serving_config
 
 MAX_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "40"))
@@ -78,8 +78,7 @@ def app_url(
                 text = text.replace(old, new)
             path = tmp_path / "gateway.yaml"
             path.write_text(text)
-            for name, value in server_env(sims, catalog_dsn, "memory://", TOKEN).items():
-                monkeypatch.setenv(name, value)
+            set_server_env(monkeypatch, sims, catalog_dsn, "memory://", TOKEN)
             loaded = config.load(str(path))
             stop = asyncio.Event()
             stops.append((asyncio.get_running_loop(), stop))

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.simulator import Simulators
-from tests.config_files import config_text, gateway_process, read, server_env
+from tests.config_files import config_text, gateway_process, read, server_env, set_server_env
 from tests.serving import free_port, serving
 
 PRODUCTS = 500
@@ -31,10 +31,7 @@ CALLS = {
 def env(
     sims: Simulators, catalog_dsn: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
-    values = server_env(sims, catalog_dsn, redis_url, admin_token=None)
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
+    return set_server_env(monkeypatch, sims, catalog_dsn, redis_url, admin_token=None)
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -18,6 +18,7 @@ from tests.config_files import (
     config_text,
     gateway_process,
     server_env,
+    set_server_env,
     with_extra_source,
     write_atomically,
 )
@@ -35,10 +36,7 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 def env(
     sims: Simulators, catalog_dsn: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, str]:
-    values = server_env(sims, catalog_dsn, redis_url, TOKEN)
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
+    return set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN)
 
 
 def two_configs(prefix: str, generous: bool = True) -> tuple[str, str]:
