@@ -48,6 +48,8 @@ class Gateway:
         self.metrics = Metrics(lambda: self._runtime)
         self.stats = Stats()
         self.lag = LoopLag(on_lag=self.metrics.loop_lag, warn_every_s=10.0, stall_ms=100.0)
+        # Set once SIGTERM arrives: /readyz answers 503 from then on while requests drain.
+        self.draining = False
 
     def current(self) -> runtime.Runtime:
         """Return the runtime requests start on now."""
