@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -186,13 +187,18 @@ current: ContextVar[RequestInfo | None] = ContextVar("gateway_request", default=
 _REQUEST_ID = b"x-request-id"
 
 
+_VISIBLE_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+"""A client's request id is kept only when it is 1-128 visible ASCII characters: it lands in our
+logs and in every upstream call's headers, which some HTTP clients can only encode as ASCII."""
+
+
 def _request_id(scope: Scope) -> str:
+    """Return the client's `X-Request-ID` when it is short visible ASCII, else a new id."""
     for name, value in scope.get("headers", ()):
         if name == _REQUEST_ID:
-            text = value.decode("latin-1")
-            # A client's id is echoed only when it is short and printable: it lands in our logs.
-            if 0 < len(text) <= 128 and text.isprintable():
-                return text
+            if _VISIBLE_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
     return f"{_ID_PREFIX}{next(_ids):x}"
 
 
