@@ -89,7 +89,18 @@ class CachePolicy:
         ttl = self.ttl_for(entry)
         if ttl <= 0:
             return 0.0
+        if not servable_stale(entry):
+            return ttl
         return ttl + max(self.stale_while_revalidate_s, self.stale_if_error_s)
+
+
+def servable_stale(entry: Entry) -> bool:
+    """Return whether `entry` may be served past its TTL: answers (200) may, not-found ones never.
+
+    A 404 kept through the stale windows would hide a product created meanwhile for an hour,
+    and cost a backend entry per unknown id for as long.
+    """
+    return entry.status == 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +175,7 @@ class CompositeCache:
                 self._event("hit")
                 self._hold(ask, cached, generation)
                 return Lookup(cached, "HIT", age, ttl - age, False)
-            if age < ttl + policy.stale_while_revalidate_s:
+            if servable_stale(cached) and age < ttl + policy.stale_while_revalidate_s:
                 self._event("stale")
                 self._revalidate(ask, cached)
                 return Lookup(cached, "STALE", age, 0.0, False)
@@ -322,7 +333,7 @@ class CompositeCache:
 
     def _if_error(self, policy: CachePolicy, cached: Entry | None) -> Lookup | None:
         """Return the stored copy as an error-stale answer if it is young enough for that."""
-        if cached is None:
+        if cached is None or not servable_stale(cached):
             return None
         age = max(0.0, self._clock() - cached.written_at)
         if age >= policy.ttl_for(cached) + policy.stale_if_error_s:

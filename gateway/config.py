@@ -220,7 +220,7 @@ class EndpointCache(_Model):
     partial_ttl_s: Seconds = 0
     stale_while_revalidate_s: Seconds = 0
     stale_if_error_s: Seconds = 0
-    not_found_ttl_s: Seconds = 10
+    not_found_ttl_s: Seconds = 30
     allow_client_bypass: bool = False
     tags: tuple[str, ...] = ()
     vary: tuple[HeaderName, ...] = ()
