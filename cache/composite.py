@@ -224,7 +224,7 @@ class CompositeCache:
             if not flight.done():
                 break  # Our deadline came first: answer for ourselves (compute is bounded too).
             if not flight.cancelled():
-                return flight.result()  # The leader's answer, or the leader's exception.
+                return flight.result()  # The leader's answer, or its deadline's TimeoutError.
         return await self._compute(ask, cached, lock="")
 
     async def _fly(self, ask: _Ask, deadline: float, cached: Entry | None) -> Lookup:
@@ -236,9 +236,14 @@ class CompositeCache:
         except asyncio.CancelledError:
             flight.cancel()  # Followers see it and one of them leads in our place.
             raise
-        except BaseException as exc:
+        except TimeoutError as exc:
             flight.set_exception(exc)
             flight.exception()  # Marked retrieved: there may be no follower, and that is fine.
+            raise
+        except BaseException:
+            # A bug in the leader's own request (a value only it had, say) is its own 500: the
+            # followers are told, as for a cancelled leader, to lead or compute for themselves.
+            flight.cancel()
             raise
         else:
             flight.set_result(lookup)

@@ -177,6 +177,26 @@ async def test_not_found_is_cached_for_not_found_ttl(cache: CompositeCache, cloc
     assert await fetch(cache, up, PLAIN) == ("MISS", 404, b'{"n":2}')
 
 
+async def test_not_found_is_never_served_stale(cache: CompositeCache, clock: Clock) -> None:
+    # POLICY has wide stale windows (300 s, 3600 s): none of them applies to a 404.
+    up = Upstream(clock, status=404)
+    assert await fetch(cache, up) == ("MISS", 404, b'{"n":1}')
+    clock.now += 11
+    assert await fetch(cache, up) == ("MISS", 404, b'{"n":2}')  # recomputed, not revalidated
+    clock.now += 11
+    up.status = 502
+    assert await fetch(cache, up) == ("MISS", 502, b'{"n":3}')  # the error, not the old 404
+    up.raises = TimeoutError()
+    with pytest.raises(TimeoutError):
+        await fetch(cache, up)
+
+
+def test_not_found_is_kept_only_for_not_found_ttl() -> None:
+    body = b'{"error":{}}'
+    assert POLICY.keep_for(Entry(404, body, False, 0.0, etag_of(body))) == 10
+    assert POLICY.keep_for(Entry(200, body, True, 0.0, etag_of(body))) == 60 + 3600
+
+
 @pytest.mark.parametrize("status", [502, 503, 504])
 async def test_server_errors_are_never_stored(
     cache: CompositeCache, clock: Clock, status: int
@@ -290,6 +310,65 @@ async def test_single_flight_shares_the_leaders_exception(
     results = await asyncio.gather(*(fetch(cache, up) for _ in range(20)), return_exceptions=True)
     assert up.calls == 1
     assert all(isinstance(r, TimeoutError) for r in results)
+
+
+def exploding(gate: asyncio.Event) -> Callable[[], Awaitable[Entry]]:
+    """A compute that fails with a bug (not a source failure) once `gate` is set."""
+
+    async def compute() -> Entry:
+        await gate.wait()
+        raise RuntimeError("a bug in the leader's own request")
+
+    return compute
+
+
+async def seen(events: list[str], event: str, times: int = 1) -> None:
+    """Return once the cache reported `event` `times` times; fail after 5 s."""
+    for _ in range(500):
+        if events.count(event) >= times:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{event!r} was not reported {times} times within 5 s: {events}")
+
+
+async def test_followers_never_get_the_leaders_bug_they_compute_their_own_answer(
+    cache: CompositeCache, clock: Clock
+) -> None:
+    events: list[str] = []
+    cache.on_event = events.append
+    gate = asyncio.Event()
+    leader = asyncio.create_task(fetch(cache, exploding(gate)))
+    await seen(events, "miss")  # it leads the flight
+    own = Upstream(clock)
+    followers = [asyncio.create_task(fetch(cache, own)) for _ in range(10)]
+    await seen(events, "singleflight_wait", 10)
+    gate.set()
+    with pytest.raises(RuntimeError, match="leader's own"):
+        await leader  # the leader's bug stays the leader's: it still fails loudly
+    results = await asyncio.gather(*followers)
+    assert set(results) == {("MISS", 200, b'{"n":1}')}
+    assert own.calls == 1  # one follower led in its place, the others shared its answer
+
+
+async def test_a_follower_of_a_leader_with_a_bug_gets_stale_if_error(
+    cache: CompositeCache, clock: Clock
+) -> None:
+    policy = CachePolicy(60, 0, 0, 600, 10, False)
+    await fetch(cache, Upstream(clock), policy)
+    clock.now += 100
+    events: list[str] = []
+    cache.on_event = events.append
+    gate = asyncio.Event()
+    leader = asyncio.create_task(fetch(cache, exploding(gate), policy))
+    await seen(events, "miss")
+    failing = Upstream(clock, status=502)
+    follower = asyncio.create_task(fetch(cache, failing, policy))
+    await seen(events, "singleflight_wait")
+    gate.set()
+    with pytest.raises(RuntimeError):
+        await leader
+    assert await follower == ("STALE", 200, b'{"n":1}')
+    assert failing.calls == 1
 
 
 async def test_single_flight_survives_a_cancelled_leader(
