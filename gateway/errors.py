@@ -31,6 +31,11 @@ class BadPayload(SourceError):
     """The source answered, but with a body that cannot be used (bad JSON, too large)."""
 
 
+class Unsendable(SourceError):
+    """The call could not be put to its source: the driver refused one of its values (an integer
+    beyond the database's range, text that a header or a query cannot carry)."""
+
+
 class NotFound(SourceError):
     """The source has no such thing (HTTP 404, no row for a `one: true` query)."""
 

@@ -18,9 +18,9 @@ import pymysql
 import pytest
 
 from gateway.config import SqlPool, SqlSourceConfig
-from gateway.errors import NotFound, SourceTimeout, SourceUnavailable
+from gateway.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.types import Call, Upstream
-from upstreams.sql import sql_source
+from upstreams.sql import budgeted, map_errors, sql_source
 
 TABLE = "sqlsrc_products"
 ROWS = [
@@ -185,6 +185,31 @@ async def test_bad_sql_raises_source_unavailable(db: Upstream) -> None:
     assert await db.call(call(BY_ID, {"id": 1}, one=True))  # the source still answers
 
 
+async def test_a_value_the_driver_cannot_encode_is_unsendable(db: Upstream) -> None:
+    with pytest.raises(Unsendable) as info:
+        await db.call(call(BY_ID, {"id": "lone \ud800 surrogate"}, one=True))
+    assert "UnicodeEncodeError" in str(info.value)
+    assert await db.call(call(BY_ID, {"id": 1}, one=True))  # the source still answers
+
+
+async def test_an_int_beyond_64_bits_is_unsendable_on_sqlite_and_bound_on_mariadb(
+    mysql_dsn: str, sqlite_dsn: str
+) -> None:
+    async with started(sqlite_dsn) as db:
+        for value in (2**63, -(2**63) - 1, 2**64, 10**30):
+            with pytest.raises(Unsendable, match="OverflowError"):
+                await db.call(call(BY_ID, {"id": value}))
+        assert await db.call(call(BY_ID, {"id": 2**63 - 1})) == []
+    async with started(mysql_dsn) as db:
+        assert await db.call(call(BY_ID, {"id": 2**64})) == []
+
+
+@pytest.mark.parametrize("bug", [AttributeError("x"), KeyError("id"), RuntimeError("y")])
+def test_map_errors_lets_bugs_through(bug: Exception) -> None:
+    with pytest.raises(type(bug)), map_errors("catalog"):
+        raise bug
+
+
 async def test_ping_answers_and_pool_stats_count_connections(db: Upstream) -> None:
     await db.ping()
     stats = dict(db.pool_stats())
@@ -259,6 +284,52 @@ async def test_the_server_stops_a_query_at_its_budget(mysql_dsn: str) -> None:
         assert time.monotonic() - start < 1.5
         assert await db.call(call("SELECT 1 AS one", one=True)) == {"one": 1}
         assert db.pool_stats()["in_use"] == 0
+
+
+MARIADB = "5.5.5-10.11.6-MariaDB-0+deb12u1"
+
+
+@pytest.mark.parametrize(
+    ("version", "sql", "expected"),
+    [
+        (MARIADB, BY_ID, f"SET STATEMENT max_statement_time=0.250 FOR {BY_ID}"),
+        ("11.4.2-MariaDB", "CALL p()", "SET STATEMENT max_statement_time=0.250 FOR CALL p()"),
+        ("5.5.5-10.0.38-MariaDB", BY_ID, BY_ID),  # before 10.1.2: no SET STATEMENT
+        ("8.0.36", "SELECT 1", "SELECT /*+ MAX_EXECUTION_TIME(250) */ 1"),
+        ("8.4.0-commercial", " select\n1", " select /*+ MAX_EXECUTION_TIME(250) */\n1"),
+        ("5.7.8-log", "SELECT 1", "SELECT /*+ MAX_EXECUTION_TIME(250) */ 1"),
+        ("5.7.7", "SELECT 1", "SELECT 1"),  # before the hint existed
+        ("5.6.51", "SELECT 1", "SELECT 1"),
+        ("8.0.36", "WITH t AS (SELECT 1) SELECT * FROM t", "WITH t AS (SELECT 1) SELECT * FROM t"),
+        ("8.0.36", "SELECTED", "SELECTED"),
+        ("8.0.36", "CALL p()", "CALL p()"),
+        ("", "SELECT 1", "SELECT 1"),
+        ("unknown", "SELECT 1", "SELECT 1"),
+    ],
+)
+def test_the_statement_timeout_follows_the_server_flavour_and_version(
+    version: str, sql: str, expected: str
+) -> None:
+    assert budgeted(sql, 0.25, version) == expected
+
+
+def test_the_mysql_hint_is_whole_milliseconds_rounded_up() -> None:
+    assert budgeted("SELECT 1", 0.0001, "8.0.36") == "SELECT /*+ MAX_EXECUTION_TIME(1) */ 1"
+    assert budgeted("SELECT 1", 0.1504, "8.0.36") == "SELECT /*+ MAX_EXECUTION_TIME(151) */ 1"
+
+
+def test_the_real_server_is_mariadb_and_runs_both_forms(mysql_dsn: str) -> None:
+    conn = _mysql_connect(mysql_dsn)
+    try:
+        version = conn.get_server_info()
+        assert budgeted("SELECT 1", 0.5, version).startswith("SET STATEMENT max_statement_time=")
+        # MariaDB reads a MySQL optimizer hint as a comment: the MySQL form is at least valid SQL.
+        with conn.cursor() as cur:
+            for flavour in (version, "8.0.36"):
+                cur.execute(budgeted(BY_ID, 0.5, flavour), {"id": 2})
+                assert cur.fetchall() == ((2, "SKU-2", "Chair", "home"),)
+    finally:
+        conn.close()
 
 
 async def test_the_budget_counts_down_to_the_deadline(mysql_dsn: str) -> None:

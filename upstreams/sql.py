@@ -14,11 +14,13 @@ import base64
 import datetime
 import functools
 import itertools
+import math
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import aiomysql
@@ -27,7 +29,7 @@ import pymysql
 
 from gateway import templates
 from gateway.config import SqlSourceConfig
-from gateway.errors import NotFound, SourceTimeout, SourceUnavailable
+from gateway.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.types import JSON, Call, Upstream
 
 _FLOOR_S = 0.001
@@ -51,7 +53,11 @@ async def sql_source(name: str, cfg: SqlSourceConfig) -> Upstream:
 
 @contextmanager
 def map_errors(name: str) -> Iterator[None]:
-    """Translate aiomysql/pymysql and sqlite3 errors into the gateway's `SourceError` tree."""
+    """Translate aiomysql/pymysql and sqlite3 errors into the gateway's `SourceError` tree.
+
+    A value the driver cannot bind or encode (an int beyond SQLite's 64 bits, a lone surrogate
+    in text) is that call's `Unsendable`; other exceptions (AttributeError...) are bugs and pass.
+    """
     try:
         yield
     except pymysql.err.MySQLError as exc:
@@ -61,6 +67,9 @@ def map_errors(name: str) -> Iterator[None]:
         raise SourceUnavailable(f"{name}: {exc}", connect=code in _CONNECT_CODES) from exc
     except sqlite3.Error as exc:
         raise SourceUnavailable(f"{name}: {exc}") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        # What both drivers raise while binding a value (UnicodeEncodeError is a ValueError).
+        raise Unsendable(f"{name}: cannot bind a value: {type(exc).__name__}: {exc}") from exc
 
 
 # --- MySQL / MariaDB -------------------------------------------------------------------------
@@ -83,7 +92,7 @@ async def _mysql_upstream(name: str, cfg: SqlSourceConfig) -> Upstream:
             async with _borrow(pool, wakeups) as conn:
                 # Measured after acquiring: waiting for a connection spends the same budget.
                 budget = max(ends - loop.time(), _FLOOR_S)
-                sql = f"SET STATEMENT max_statement_time={budget:.3f} FOR {call.target}"
+                sql = budgeted(call.target, budget, conn.get_server_info())
                 rows = await _mysql_rows(conn, sql, dict(call.params))
         return _result(name, rows, call.one)
 
@@ -105,6 +114,41 @@ async def _mysql_upstream(name: str, cfg: SqlSourceConfig) -> Upstream:
         return {"size": size, "in_use": size - free, "free": free, "max": pool.maxsize}
 
     return Upstream(call=call, close=close, ping=ping, pool_stats=pool_stats)
+
+
+def budgeted(sql: str, budget_s: float, server_version: str) -> str:
+    """Return `sql` made to stop within `budget_s` on the server itself, per its version string.
+
+    MariaDB (10.1.2 and later): `SET STATEMENT max_statement_time=... FOR`. MySQL (5.7.8 and
+    later, which has no `SET STATEMENT`): the `MAX_EXECUTION_TIME` optimizer hint, which MySQL
+    applies to a top-level SELECT only. Anything else goes as it is: the call's own timeout
+    still ends it on our side (and closes its connection).
+    """
+    flavour = _flavour(server_version)
+    if flavour == "mariadb":
+        return f"SET STATEMENT max_statement_time={budget_s:.3f} FOR {sql}"
+    if flavour == "mysql":
+        select = _SELECT.match(sql)
+        if select is not None:
+            ms = max(1, math.ceil(budget_s * 1000))
+            return f"{sql[: select.end()]} /*+ MAX_EXECUTION_TIME({ms}) */{sql[select.end() :]}"
+    return sql
+
+
+_SELECT = re.compile(r"\s*SELECT\b", re.IGNORECASE)
+_VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+
+
+@functools.lru_cache(maxsize=64)
+def _flavour(server_version: str) -> Literal["mariadb", "mysql", ""]:
+    """Return which statement timeout a server has: MariaDB's, MySQL's hint, or none."""
+    mariadb = "mariadb" in server_version.lower()
+    # MariaDB before 11 says `5.5.5-10.11.6-MariaDB...`: the prefix is for old MySQL clients.
+    found = _VERSION.match(server_version.removeprefix("5.5.5-") if mariadb else server_version)
+    version = tuple(int(n) for n in found.groups()) if found else (0, 0, 0)
+    if mariadb:
+        return "mariadb" if version >= (10, 1, 2) else ""
+    return "mysql" if version >= (5, 7, 8) else ""
 
 
 def _mysql_options(cfg: SqlSourceConfig) -> dict[str, Any]:
