@@ -23,7 +23,7 @@ import yarl
 from multidict import CIMultiDict
 
 from gateway.config import HttpSourceConfig, PropagationConfig
-from gateway.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable
+from gateway.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.templates import scalar_text
 from gateway.types import JSON, Call, Upstream
 
@@ -59,6 +59,10 @@ def map_errors(source: str) -> Iterator[None]:
         raise SourceTimeout(f"{source}: {type(exc).__name__}") from exc
     except (aiohttp.ClientError, httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
         raise SourceUnavailable(f"{source}: {type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:
+        # A value the client cannot put on the wire (httpx encodes header values as ASCII only):
+        # UnicodeEncodeError and its kin are this call's failure, not a bug.
+        raise Unsendable(f"{source}: cannot send the request: {type(exc).__name__}") from exc
 
 
 # --- aiohttp (the default) -------------------------------------------------------------------
