@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -323,8 +323,20 @@ class LoadedConfig:
     secrets: frozenset[str]
 
     def redacted(self) -> dict[str, Any]:
-        """Return the effective config as plain data with every secret value replaced."""
-        return _redact(self.config.model_dump(mode="json"), self.secrets)
+        """Return the effective config as plain data with every secret value replaced: every
+        source header value and every call query value but a pure template, wholly; URL and DSN
+        passwords and every other secret wherever they appear."""
+        data = self.config.model_dump(mode="json")
+        for source in data.get("sources", {}).values():
+            if isinstance(source.get("headers"), dict):
+                source["headers"] = {k: _masked(v) for k, v in source["headers"].items()}
+        for endpoint in data.get("endpoints", []):
+            for call in endpoint.get("calls", {}).values():
+                if isinstance(call.get("query"), dict):
+                    call["query"] = {
+                        k: v if _pure_template(v) else "***" for k, v in call["query"].items()
+                    }
+        return _redact(data, self.secrets)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -364,7 +376,7 @@ def loads(text: str, file: str = "<string>", env: Mapping[str, str] | None = Non
     except _TooLarge as exc:
         raise ConfigError([exc.problem]) from None
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_redact_problems(problems, secrets))
     if not isinstance(data, dict):
         raise ConfigError([Problem(file, 1, "(file)", "the top level must be a mapping")])
     try:
@@ -376,12 +388,12 @@ def loads(text: str, file: str = "<string>", env: Mapping[str, str] | None = Non
             if e["type"].startswith("union_tag"):
                 loc = (*loc, "kind")
             found.append(Problem(file, _line_of(lines, loc), _dotted(loc), _message(e)))
-        raise ConfigError(found) from None
+        raise ConfigError(_redact_problems(found, secrets)) from None
     problems = [
         Problem(file, _line_of(lines, loc), _dotted(loc), msg) for loc, msg in cross_check(config)
     ]
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_redact_problems(problems, secrets))
     return LoadedConfig(config, file, text, frozenset(s for s in secrets if s))
 
 
@@ -431,11 +443,47 @@ def _build(
         problems.append(Problem(file, lines[loc], _dotted(loc), f"invalid value: {msg}"))
         return None
     if isinstance(value, str) and "${" in value:
-        return _interpolate(value, loc, env, file, node.start_mark.line + 1, problems, secrets)
+        value = _interpolate(value, loc, env, file, node.start_mark.line + 1, problems, secrets)
+    if isinstance(value, str):
+        secrets.update(_literal_secrets(value, loc))
     return value
 
 
 def _interpolate(
+def _literal_secrets(value: str, loc: Loc) -> set[str]:
+    """Return what in a config value is secret whatever its origin (`${VAR}` or written as is):
+    a source header's value (and its credential after `Bearer `), an http call query value's
+    literal text, and a URL's or DSN's password."""
+    found: set[str] = set()
+    if len(loc) == 4 and loc[0] == "sources" and loc[2] == "headers":
+        found.update((value, value.partition(" ")[2].strip()))
+    if len(loc) == 6 and loc[0] == "endpoints" and loc[2] == "calls" and loc[4] == "query":
+        found.update(p.strip() for p in templates.parse(value).parts if isinstance(p, str))
+    try:
+        password = urlsplit(value).password
+    except ValueError:  # not a URL at all ("http://[::1")
+        password = None
+    if password:
+        found.update((password, unquote(password)))
+    return {s for s in found if s}
+
+
+_AUTH_SCHEMES = frozenset({"basic", "bearer", "digest", "token", "apikey"})
+
+
+def _masked(value: Any) -> str:
+    """Return `***` for a header value, keeping a known auth scheme (`Bearer ***`) in sight."""
+    scheme, _, credential = str(value).partition(" ")
+    return f"{scheme} ***" if scheme.lower() in _AUTH_SCHEMES and credential else "***"
+
+
+def _pure_template(value: Any) -> bool:
+    """Whether a query value is references only (`{product.category}`): nothing of it is secret."""
+    if not isinstance(value, str) or not value:
+        return False
+    return all(isinstance(p, templates.Ref) for p in templates.parse(value).parts)
+
+
     value: str,
     loc: Loc,
     env: Mapping[str, str],
@@ -472,12 +520,20 @@ def _interpolate(
         problems.append(
             Problem(file, line, _dotted(loc), "malformed ${NAME} or ${NAME:-default} reference")
         )
-    if urlsplit(result).password:
-        secrets.add(urlsplit(result).password or "")
     return result
 
 
 def _redact(data: Any, secrets: frozenset[str]) -> Any:
+def _redact_problems(problems: list[Problem], secrets: set[str]) -> list[Problem]:
+    """Return `problems` with every secret of the file out of their messages: `gateway check`
+    and a refused reload print them."""
+    frozen = frozenset(secrets)
+    return [
+        Problem(p.file, p.line, redact_text(p.path, frozen), redact_text(p.message, frozen))
+        for p in problems
+    ]
+
+
     if isinstance(data, dict):
         return {k: _redact(v, secrets) for k, v in data.items()}
     if isinstance(data, list):
