@@ -449,7 +449,6 @@ def _build(
     return value
 
 
-def _interpolate(
 def _literal_secrets(value: str, loc: Loc) -> set[str]:
     """Return what in a config value is secret whatever its origin (`${VAR}` or written as is):
     a source header's value (and its credential after `Bearer `), an http call query value's
@@ -484,6 +483,7 @@ def _pure_template(value: Any) -> bool:
     return all(isinstance(p, templates.Ref) for p in templates.parse(value).parts)
 
 
+def _interpolate(
     value: str,
     loc: Loc,
     env: Mapping[str, str],
@@ -523,7 +523,6 @@ def _pure_template(value: Any) -> bool:
     return result
 
 
-def _redact(data: Any, secrets: frozenset[str]) -> Any:
 def _redact_problems(problems: list[Problem], secrets: set[str]) -> list[Problem]:
     """Return `problems` with every secret of the file out of their messages: `gateway check`
     and a refused reload print them."""
@@ -534,6 +533,7 @@ def _redact_problems(problems: list[Problem], secrets: set[str]) -> list[Problem
     ]
 
 
+def _redact(data: Any, secrets: frozenset[str]) -> Any:
     if isinstance(data, dict):
         return {k: _redact(v, secrets) for k, v in data.items()}
     if isinstance(data, list):
