@@ -26,6 +26,15 @@ class SourceUnavailable(SourceError):
         self.status = status
         self.connect = connect
 
+    @property
+    def refused(self) -> bool:
+        """True when the source answered and refused only this call (3xx, 4xx but 408 and 429).
+
+        Such an answer says the call was wrong, not that the source is sick: it is never retried
+        and never counts against the breaker, or any client could open it for everyone.
+        """
+        return self.status is not None and self.status < 500 and self.status not in (408, 429)
+
 
 class BadPayload(SourceError):
     """The source answered, but with a body that cannot be used (bad JSON, too large)."""

@@ -7,7 +7,15 @@ import asyncio
 import pytest
 
 from gateway.config import BreakerConfig
-from gateway.errors import BadPayload, CircuitOpen, NotFound, Overloaded, SourceTimeout
+from gateway.errors import (
+    BadPayload,
+    CircuitOpen,
+    NotFound,
+    Overloaded,
+    SourceError,
+    SourceTimeout,
+    SourceUnavailable,
+)
 from gateway.types import Call
 from upstreams.breaker import Breaker, Window
 
@@ -74,7 +82,7 @@ async def outcome(guarded, call: Call | None = None) -> str:
     """Call once and return the result, or the outcome of the error raised."""
     try:
         return await guarded(call or make_call())
-    except (SourceTimeout, BadPayload, NotFound, CircuitOpen, Overloaded) as exc:
+    except SourceError as exc:
         return exc.outcome
 
 
@@ -242,6 +250,69 @@ async def test_not_found_counts_as_a_success() -> None:
         source.next = answer
         await outcome(guarded)
     assert b.state == "closed"
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 409, 422, 302])
+async def test_a_refused_call_counts_as_a_success(status: int) -> None:
+    b = breaker(Clock())
+    source = scripted()
+    guarded = b(source)
+    source.next = SourceUnavailable(f"HTTP {status}", status=status)
+    for _ in range(40):
+        assert await outcome(guarded) == "error"
+    source.next = SourceTimeout("slow")
+    await outcome(guarded)
+    assert b.state == "closed"  # 1 failure in 41 calls
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        SourceUnavailable("HTTP 500", status=500),
+        SourceUnavailable("HTTP 503", status=503),
+        SourceUnavailable("HTTP 429", status=429),
+        SourceUnavailable("HTTP 408", status=408),
+        SourceUnavailable("refused", connect=True),
+        SourceUnavailable("reset"),
+        BadPayload("not JSON"),
+        SourceTimeout("slow"),
+    ],
+)
+async def test_what_says_the_source_is_sick_opens_the_breaker(failure: SourceError) -> None:
+    b = breaker(Clock())
+    source = scripted()
+    source.next = failure
+    guarded = b(source)
+    for _ in range(4):
+        await outcome(guarded)
+    assert b.state == "open"
+
+
+async def test_a_refused_probe_closes_a_half_open_breaker() -> None:
+    clock = Clock()
+    b = breaker(clock)
+    source = scripted()
+    await open_it(b, source)
+    clock.now += 5
+    source.next = SourceUnavailable("HTTP 400", status=400)
+    assert await outcome(b(source)) == "error"
+    assert b.state == "closed"  # the source answered: it is up
+
+
+async def test_an_error_of_our_own_side_is_no_verdict() -> None:
+    # A value the driver refused to send (say) never reached the source: it says nothing of it.
+    b = breaker(Clock())
+    source = scripted()
+    guarded = b(source)
+    source.next = SourceError("cannot bind a value")
+    for _ in range(10):
+        await outcome(guarded)
+    source.next = SourceTimeout("slow")
+    for _ in range(3):
+        await outcome(guarded)
+    assert b.state == "closed"  # 3 counted calls < min_calls 4
+    await outcome(guarded)
+    assert b.state == "open"
 
 
 async def test_overloaded_is_not_counted_as_a_call() -> None:

@@ -10,7 +10,14 @@ import time
 from collections.abc import Callable
 
 from gateway.config import BreakerConfig
-from gateway.errors import CircuitOpen, SourceError
+from gateway.errors import (
+    BadPayload,
+    CircuitOpen,
+    NotFound,
+    SourceError,
+    SourceTimeout,
+    SourceUnavailable,
+)
 from gateway.types import JSON, Call, Source
 
 Clock = Callable[[], float]
@@ -18,10 +25,22 @@ OnChange = Callable[[str, str, str], None]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
-# Outcomes that say the source is sick; `not_found` means it answered, and `overloaded` or
-# `circuit_open` come from our own layers, so they say nothing about the source.
-_FAILURES = frozenset({"timeout", "error"})
-_SUCCESSES = frozenset({"not_found"})
+
+def verdict(exc: SourceError) -> bool | None:
+    """Return True when a failure says the source is sick, False when it says the source answered
+    (a 404, a refused call: a 3xx or 4xx but 408 and 429), None when it says nothing about it.
+
+    Sick: timeouts, connect failures, resets, 5xx, 408, 429, unusable bodies. Nothing a client
+    can cause by what it asks for counts, or any client could open the breaker for everyone;
+    `overloaded`, `circuit_open` and values the driver refused to send come from our side.
+    """
+    if isinstance(exc, SourceUnavailable):
+        return not exc.refused
+    if isinstance(exc, SourceTimeout | BadPayload):
+        return True
+    if isinstance(exc, NotFound):
+        return False
+    return None
 
 
 class Window:
@@ -103,12 +122,11 @@ class Breaker:
             try:
                 result = await source(call)
             except SourceError as exc:
-                if exc.outcome in _FAILURES:
-                    self._record(generation, failed=True)
-                elif exc.outcome in _SUCCESSES:
-                    self._record(generation, failed=False)
-                else:
+                failed = verdict(exc)
+                if failed is None:
                     self._release(generation)
+                else:
+                    self._record(generation, failed=failed)
                 raise
             except BaseException:
                 # Cancelled (or a bug): no verdict on the source, but give back the probe slot.

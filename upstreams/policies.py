@@ -125,6 +125,8 @@ def retryable(on: tuple[str | int, ...]) -> Callable[[BaseException], bool]:
     def check(exc: BaseException) -> bool:
         if not isinstance(exc, SourceError):
             return False
+        if isinstance(exc, SourceUnavailable) and exc.refused:
+            return False  # the same call would be refused again, whatever `on` lists
         if isinstance(exc, SourceTimeout):
             return "timeout" in on
         if isinstance(exc, SourceUnavailable):
