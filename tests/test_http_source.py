@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -29,7 +30,7 @@ from tests.upstream_server import (
     truncated,
     unused_port,
 )
-from upstreams.http import http_source
+from upstreams.http import SLICE_BYTES, http_source
 
 Start = Callable[..., Awaitable[Upstream]]
 Client = Literal["aiohttp", "httpx"]
@@ -93,6 +94,60 @@ async def test_ok_json_is_decoded(server: UpstreamServer, source: Upstream) -> N
 async def test_gzip_body_is_decompressed(server: UpstreamServer, source: Upstream) -> None:
     server.route("/z", raw(gzip.compress(b'{"a": [1, 2]}'), headers={"Content-Encoding": "gzip"}))
     assert await source.call(call("/z")) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS], ids=["zlib", "raw"])
+async def test_deflate_body_is_decompressed(
+    server: UpstreamServer, source: Upstream, wbits: int
+) -> None:
+    packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    body = packer.compress(b'{"a": [1, 2]}') + packer.flush()
+    server.route("/z", raw(body, headers={"Content-Encoding": "deflate"}))
+    assert await source.call(call("/z")) == {"a": [1, 2]}
+
+
+async def test_gzip_body_of_several_members_is_decompressed(
+    server: UpstreamServer, source: Upstream
+) -> None:
+    body = gzip.compress(b'{"a": ') + gzip.compress(b"[1, 2]}") + b"\0" * 8
+    server.route("/z", raw(body, headers={"Content-Encoding": "x-gzip"}))
+    assert await source.call(call("/z")) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize("cut", [5, 20, -4], ids=["in-header", "in-data", "in-trailer"])
+async def test_truncated_or_corrupt_gzip_body_is_bad_payload(
+    server: UpstreamServer, source: Upstream, cut: int
+) -> None:
+    body = gzip.compress(b'{"a": "' + b"x" * 200 + b'"}')
+    server.route("/cut", raw(body[:cut], headers={"Content-Encoding": "gzip"}))
+    server.route("/bad", raw(body[:10] + b"\xff" * 30, headers={"Content-Encoding": "gzip"}))
+    for target in ("/cut", "/bad"):
+        with pytest.raises(BadPayload):
+            await source.call(call(target))
+
+
+async def test_large_compressed_body_is_inflated_in_slices(
+    server: UpstreamServer, start: Start
+) -> None:
+    # 8 MB of blanks is 8 KB of gzip, one network read: only slicing lets the loop run meanwhile.
+    inflated = 8 * 1024 * 1024
+    body = gzip.compress(b"[1]" + b" " * inflated, 1)
+    server.route("/big", raw(body, headers={"Content-Encoding": "gzip"}))
+    upstream = await start(server.url, max_bytes=inflated + 3)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        assert await upstream.call(call("/big")) == [1]
+    finally:
+        ticker.cancel()
+    assert ticks >= inflated // SLICE_BYTES - 2
 
 
 async def test_chunked_body_within_limit_is_decoded(
