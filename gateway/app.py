@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
 from starlette.routing import BaseRoute, Route
 
-from cache.store import CacheUnavailable
 from gateway import admin, log, runtime
 from gateway import config as config_mod
 from gateway.diagnostics import LoopLag, start_tracing_from_env
@@ -28,6 +27,7 @@ from gateway.metrics import Metrics, multiprocess_dir, request_observer, sample_
 from gateway.metrics import endpoint as metrics_endpoint
 from gateway.openapi import endpoint_paths, validation_schemas
 from gateway.plan import EndpointPlan, build_plans
+from gateway.readiness import Readiness
 from gateway.routing import outer_stack
 from gateway.stats import Stats
 
@@ -165,6 +165,7 @@ def create_app(
         loaded = config_mod.load(config_path)
     log.configure()
     gw = Gateway(loaded)
+    readiness = Readiness()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -181,6 +182,7 @@ def create_app(
             yield
         finally:
             hup()
+            await readiness.close()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -210,23 +212,16 @@ def create_app(
         """The process is alive."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], responses={503: {"description": "not ready"}})
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        responses={503: {"description": "this instance is starting or draining"}},
+    )
     async def readyz() -> JSONResponse:
-        """Every source and the cache answer a ping; 503 with the reasons when one does not."""
-        rt = gw.current()
-        names = [*rt.upstreams, "cache"]
-        pings = [*(u.ping() for u in rt.upstreams.values()), rt.cache.ping()]
-        problems = {}
-        for name, result in zip(
-            names, await asyncio.gather(*pings, return_exceptions=True), strict=True
-        ):
-            if isinstance(result, SourceError | CacheUnavailable):
-                problems[name] = str(result) or type(result).__name__
-            elif isinstance(result, BaseException):
-                raise result
-        if problems:
-            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        """200 while this instance can serve, with each source's and the cache's last known
+        state ("up", "down" with a reason, "unknown"); 503 only while starting or draining."""
+        status, body = await readiness.answer(gw)
+        return JSONResponse(body, status_code=status, headers={"cache-control": "no-store"})
 
     gw.install_routes(app)
 

@@ -161,7 +161,8 @@ async def test_database_down_is_502_json_not_a_traceback(
         assert headers["Content-Type"] == "application/json"
         assert b'"call":"product"' in body and b"Traceback" not in body
         ready, _, reasons = await get(http, f"{url}/readyz")
-        assert ready == 503 and b"catalog" in reasons
+        # Ready all the same: the database is every instance's, not this one's to fail on.
+        assert ready == 200 and b'"catalog"' in reasons
 
 
 async def test_required_timeout_is_504(

@@ -1,0 +1,248 @@
+"""Operations under attack: secrets written literally in the config, probes an orchestrator
+hammers, personal answers marked `public`, docs that need the internet, a demo open to the
+network and a guessable admin token. Real app, real MariaDB, real loopback servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from gateway import cli, config
+from gateway.app import create_app
+from gateway.readiness import Readiness
+from tests.config_files import write_atomically
+from tests.serving import serving
+from tests.upstream_server import UpstreamServer, echo, json_body, unused_port
+
+ADMIN_TOKEN = "ops-attack-admin-token-3b9c"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+# Written as they are in the file, no ${VAR}: still secrets.
+HEADER_SECRET = "lit-h3ader-key-41ab"
+BEARER_SECRET = "lit-b3arer-cred-77f0"
+QUERY_SECRET = "lit-qu3ry-key-c2d9"
+DSN_SECRET = "lit-dsn-passw0rd-e5a1"
+REDIS_SECRET = "lit-redis-passw0rd-90fe"
+LITERALS = (HEADER_SECRET, BEARER_SECRET, QUERY_SECRET, DSN_SECRET, REDIS_SECRET)
+
+LITERAL_YAML = """\
+version: 1
+cache: {{url: "memory://"}}
+sources:
+  db: {{kind: sql, dsn: "{catalog}", timeout_ms: 2000}}
+  locked: {{kind: sql, dsn: "mysql://gw_nobody:{dsn_secret}@127.0.0.1:3306/x", timeout_ms: 2000}}
+  up:
+    kind: http
+    base_url: "{up}"
+    timeout_ms: 2000
+    headers: {{X-Api-Key: "{header_secret}", Authorization: "Bearer {bearer_secret}"}}
+endpoints:
+  - path: /products/{{id:int}}
+    deadline_ms: 4000
+    calls:
+      product:
+        source: db
+        query: "SELECT id, sku, name, category FROM products WHERE id = %(id)s"
+        one: true
+        required: true
+      recs:
+        source: up
+        path: /recs/{{id}}
+        query: {{api_key: "{query_secret}", category: "{{product.category}}"}}
+        fallback: null
+"""
+
+
+def literal_yaml(catalog: str, up: str) -> str:
+    return LITERAL_YAML.format(
+        catalog=catalog,
+        up=up,
+        dsn_secret=DSN_SECRET,
+        header_secret=HEADER_SECRET,
+        bearer_secret=BEARER_SECRET,
+        query_secret=QUERY_SECRET,
+    )
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[UpstreamServer]:
+    async with UpstreamServer() as server:
+        server.route("/", json_body({}))
+        server.route("/recs/", echo())
+        yield server
+
+
+def assert_no_literal(text: str) -> None:
+    for secret in LITERALS:
+        assert secret not in text, secret
+
+
+# --- item 8 (a): literal secrets ---------------------------------------------------------------
+
+
+def test_redacted_config_hides_literal_headers_query_values_and_every_dsn_password() -> None:
+    text = literal_yaml("mysql://root@127.0.0.1:3306/c", "http://127.0.0.1:9").replace(
+        'url: "memory://"', f'url: "redis://:{REDIS_SECRET}@127.0.0.1:6379/0"'
+    )
+    loaded = config.loads(text, "gateway.yaml", {})
+    shown = loaded.redacted()
+    assert_no_literal(orjson.dumps(shown).decode())
+    up = shown["sources"]["up"]
+    assert up["headers"] == {"X-Api-Key": "***", "Authorization": "Bearer ***"}
+    query = shown["endpoints"][0]["calls"]["recs"]["query"]
+    # A pure template names a value, it holds none: operators still see where it comes from.
+    assert query == {"api_key": "***", "category": "{product.category}"}
+    assert shown["sources"]["locked"]["dsn"] == "mysql://gw_nobody:***@127.0.0.1:3306/x"
+    assert shown["cache"]["url"] == "redis://:***@127.0.0.1:6379/0"
+    # Free text (a driver's error, a log line) loses them too, wherever they appear.
+    said = f"failed with {DSN_SECRET} and {QUERY_SECRET}, sent {HEADER_SECRET} / {BEARER_SECRET}"
+    assert_no_literal(config.redact_text(said, loaded.secrets))
+
+
+async def test_admin_config_check_and_a_refused_reload_never_show_literal_secrets(
+    catalog_dsn: str,
+    upstream: UpstreamServer,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    path = tmp_path / "gateway.yaml"
+    good = literal_yaml(catalog_dsn, upstream.url)
+    path.write_text(good)
+    seen: list[str] = []
+    app = create_app(str(path))
+    async with serving(app) as url:
+        async with http.get(f"{url}/products/3") as resp:
+            assert resp.status == 200  # the echo carries the secrets back: not checked
+        assert any(HEADER_SECRET in str(s.headers) for s in upstream.seen)  # really sent
+        async with http.get(f"{url}/admin/config", headers=AUTH) as resp:
+            assert resp.status == 200
+            shown = await resp.text()
+        assert "***" in shown and "{product.category}" in shown
+        seen.append(shown)
+        # A bad variant: a typo in a source name, next to the same secrets.
+        write_atomically(path, good.replace("source: up\n", "source: upp\n"))
+        async with http.post(f"{url}/admin/reload", headers=AUTH) as resp:
+            assert resp.status == 400
+            seen.append(await resp.text())
+        assert "unknown source 'upp'" in seen[-1]
+        await asyncio.wait_for(app.state.gateway.reload_logged(), 10)  # as SIGHUP does
+    out, err = capfd.readouterr()
+    assert "config_reload_refused" in out + err
+    seen += [out, err]
+    assert cli.check(str(path)) == 1
+    out, err = capfd.readouterr()
+    assert "unknown source 'upp'" in err
+    for text in [*seen, out, err]:
+        assert_no_literal(text)
+
+
+# --- item 8 (b): /readyz -------------------------------------------------------------------------
+
+PROBE_YAML = """\
+version: 1
+cache: {{url: "memory://"}}
+sources:
+  db: {{kind: sql, dsn: "{catalog}", timeout_ms: 2000}}
+  up: {{kind: http, base_url: "{up}", timeout_ms: 2000}}
+  dead: {{kind: http, base_url: "http://127.0.0.1:{dead}", timeout_ms: 2000}}
+endpoints:
+  - path: /products/{{id:int}}
+    deadline_ms: 4000
+    calls:
+      product: {{source: db, query: "SELECT id FROM products WHERE id = %(id)s", one: true}}
+      recs: {{source: up, path: "/recs/{{id}}", fallback: null}}
+      gone: {{source: dead, path: "/x/{{id}}", fallback: null}}
+"""
+
+
+def probe_config(catalog: str, up: str, dead: int) -> config.LoadedConfig:
+    return config.loads(PROBE_YAML.format(catalog=catalog, up=up, dead=dead), "probe.yaml", {})
+
+
+async def ready_until_known(
+    http: aiohttp.ClientSession, url: str, within_s: float = 10.0
+) -> tuple[int, str]:
+    """Probe until every source's state is known (bounded); return the last status and body."""
+    ends = time.monotonic() + within_s
+    while True:
+        async with http.get(f"{url}/readyz") as resp:
+            status, text = resp.status, await resp.text()
+        body = orjson.loads(text)
+        states = [s.get("state") for s in body.get("sources", {}).values()]
+        if (states and "unknown" not in states) or time.monotonic() > ends:
+            return status, text
+        await asyncio.sleep(0.2)
+
+
+async def test_readyz_stays_200_with_a_source_down_and_names_it_without_its_address(
+    catalog_dsn: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    dead = unused_port()
+    async with serving(create_app(loaded=probe_config(catalog_dsn, upstream.url, dead))) as url:
+        status, text = await ready_until_known(http, url)
+    assert status == 200, text
+    body = orjson.loads(text)
+    assert body["status"] == "ready"
+    assert body["sources"]["dead"]["state"] == "down"
+    assert body["sources"]["dead"]["reason"] == "unavailable"
+    assert body["sources"]["up"]["state"] == "up" and body["sources"]["db"]["state"] == "up"
+    assert body["cache"]["state"] == "up"
+    # No address, port or driver text: a probe endpoint is not a map of the network.
+    for leak in ("127.0.0.1", str(dead), upstream.url.rsplit(":", 1)[1], "onnect", "rrno"):
+        assert leak not in text, leak
+
+
+async def test_fifty_concurrent_probes_ping_each_source_at_most_once_a_second(
+    catalog_dsn: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    def pings() -> int:
+        return sum(1 for s in upstream.seen if s.path == "/")
+
+    async with serving(
+        create_app(loaded=probe_config(catalog_dsn, upstream.url, unused_port()))
+    ) as url:
+        assert pings() == 0
+        began = time.monotonic()
+        answers = await asyncio.gather(*(http.get(f"{url}/readyz") for _ in range(50)))
+        statuses = [r.status for r in answers]
+        for r in answers:
+            r.release()
+        elapsed = time.monotonic() - began
+        # One ping per started second at most: 50 probes inside one second share one ping.
+        assert 1 <= pings() <= 1 + int(elapsed), (pings(), elapsed)
+        assert statuses == [200] * 50  # `dead` is down: readiness is not about it
+        before = pings()
+        await asyncio.sleep(1.2)
+        await ready_until_known(http, url)
+        async with http.get(f"{url}/readyz") as resp:
+            assert resp.status == 200
+        assert pings() > before  # the state is refreshed once a second has passed
+
+
+async def test_readyz_is_503_only_while_draining_or_starting(
+    catalog_dsn: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    loaded = probe_config(catalog_dsn, upstream.url, unused_port())
+    app = create_app(loaded=loaded)
+    gw = app.state.gateway
+    status, body = await Readiness().answer(gw)  # the lifespan has not started it yet
+    assert (status, body["status"]) == (503, "starting")
+    async with serving(app) as url:
+        async with http.get(f"{url}/readyz") as resp:
+            assert resp.status == 200
+        gw.draining = True
+        async with http.get(f"{url}/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["status"] == "draining"
+        async with http.get(f"{url}/healthz") as resp:
+            assert resp.status == 200  # alive, just not taking new work
+        gw.draining = False
