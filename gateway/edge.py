@@ -16,7 +16,7 @@ from cache.entry import Entry, make_entry
 from cache.keys import composite_key
 from gateway import log
 from gateway.executor import Composite, execute
-from gateway.merge import encode, error_document, merge, with_stale_age
+from gateway.merge import answer, with_stale_age
 from gateway.plan import EndpointPlan
 
 if TYPE_CHECKING:
@@ -87,12 +87,10 @@ class EndpointHandler:
                     round((began - arrived) * 1000, 1),
                     round((loop.time() - began) * 1000, 1),
                 )
+            composite, status, body = answer(plan, composite)
             fresh.append(composite)
             runtime.observe(plan, composite)  # here, so background refreshes count too
-            if composite.failed is not None:
-                status, doc = error_document(plan, composite)
-                return make_entry(status, encode(doc), False)
-            return make_entry(200, encode(merge(plan, composite)), composite.complete)
+            return make_entry(status, body, status == 200 and composite.complete)
 
         try:
             lookup = await self._lookup(runtime, plan, params, headers, compute, deadline)

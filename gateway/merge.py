@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -59,6 +60,51 @@ def error_document(plan: EndpointPlan, composite: Composite) -> tuple[int, dict[
             "sources": {n: r.outcome for n, r in composite.results.items() if r.outcome != "ok"},
         },
     }
+
+
+def answer(plan: EndpointPlan, composite: Composite) -> tuple[Composite, int, bytes]:
+    """Return the composite as answered, and the status and bytes of its document.
+
+    The document is encoded once. Only when that fails (a value nested deeper than orjson
+    encodes, 255 levels, though it decodes 1024) is each call's value tried on its own: one that
+    cannot be encoded becomes that call's `error`, its fallback applies, and the composite
+    returned says so (a required call's failure answers as such).
+    """
+    try:
+        status, body = _encoded(plan, composite)
+    except orjson.JSONEncodeError:
+        composite = _unencodable_as_errors(plan, composite)
+        status, body = _encoded(plan, composite)
+    return composite, status, body
+
+
+def _encoded(plan: EndpointPlan, composite: Composite) -> tuple[int, bytes]:
+    if composite.failed is not None:
+        status, doc = error_document(plan, composite)
+        return status, encode(doc)
+    return 200, encode(merge(plan, composite))
+
+
+def _unencodable_as_errors(plan: EndpointPlan, composite: Composite) -> Composite:
+    results = dict(composite.results)
+    for name, result in composite.results.items():
+        if result.outcome != "ok":
+            continue
+        try:
+            orjson.dumps([result.value])  # one level down, as it sits in the document
+        except orjson.JSONEncodeError as exc:
+            results[name] = replace(
+                result, outcome="error", value=None, detail=f"not encodable: {exc}"
+            )
+    failed = composite.failed or next(
+        (
+            cp.name
+            for cp in plan.calls
+            if cp.required and cp.name in results and results[cp.name].outcome != "ok"
+        ),
+        None,
+    )
+    return Composite(results, failed)
 
 
 def encode(doc: Any) -> bytes:

@@ -13,7 +13,7 @@ import pytest
 from gateway import config
 from gateway.errors import NotFound, SourceUnavailable
 from gateway.executor import execute
-from gateway.merge import encode, error_document, merge, with_stale_age
+from gateway.merge import answer, encode, error_document, merge, with_stale_age
 from gateway.plan import EndpointPlan, build_plans
 from gateway.types import Call, Source
 from upstreams.policies import timeout
@@ -242,4 +242,51 @@ def test_stale_age_is_spliced_into_meta() -> None:
         "complete": True,
         "sources": {},
         "stale_age_s": 12.5,
+    }
+
+
+def deep(depth: int) -> Any:
+    """Return a value nested `depth` levels: orjson decodes up to 1024, encodes up to 255."""
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+async def test_an_encodable_answer_is_encoded_once_and_its_composite_kept() -> None:
+    p = plan()
+    composite = await execute(p, healthy(), {"id": 42})
+    same, status, body = answer(p, composite)
+    assert same is composite and status == 200
+    assert body == encode(merge(p, composite))
+
+
+async def test_a_value_too_deep_to_encode_is_that_calls_error_with_its_fallback() -> None:
+    p = plan()
+    composite = await execute(p, healthy(pricing=ok(deep(300)), recs=ok(deep(256))), {"id": 42})
+    answered, status, body = answer(p, composite)
+    assert status == 200
+    doc = orjson.loads(body)
+    assert doc["price"] == {"currency": "USD", "amount": None} and "recommendations" not in doc
+    assert doc["product"] == PRODUCT and doc["stock"] == {"available": 3}
+    assert doc["_meta"] == {
+        "complete": False,
+        "sources": {"price": "error", "recommendations": "error"},
+    }
+    assert answered.results["price"].outcome == "error"
+    assert "not encodable" in answered.results["price"].detail
+    assert answered.results["product"] is composite.results["product"]
+    assert answer(p, await execute(p, healthy(pricing=ok(deep(254))), {"id": 42}))[1] == 200
+
+
+async def test_a_required_value_too_deep_to_encode_fails_the_answer() -> None:
+    p = plan()
+    composite = await execute(p, healthy(catalog=ok({**PRODUCT, "x": deep(400)})), {"id": 42})
+    answered, status, body = answer(p, composite)
+    assert status == 502 and answered.failed == "product"
+    assert orjson.loads(body)["error"] == {
+        "status": 502,
+        "message": "a required source failed",
+        "call": "product",
+        "outcome": "error",
     }
