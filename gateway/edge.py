@@ -17,14 +17,13 @@ from cache.keys import composite_key
 from gateway import log
 from gateway.executor import Composite, execute
 from gateway.merge import answer, with_stale_age
-from gateway.plan import EndpointPlan
+from gateway.plan import PERSONAL_HEADERS, EndpointPlan
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
 
 _log = structlog.get_logger("gateway.edge")
 JSON_TYPE = (b"content-type", b"application/json")
-_PERSONAL = frozenset({b"authorization", b"cookie"})
 
 
 def parse_params(plan: EndpointPlan, raw: Mapping[str, str]) -> tuple[dict[str, Any], list[Any]]:
@@ -111,7 +110,7 @@ class EndpointHandler:
                     n: {"outcome": r.outcome, "ms": round(r.ms, 1)}
                     for n, r in composite.results.items()
                 }
-        await _respond(send, lookup, composite, headers.get(b"if-none-match"), plan.vary)
+        await _respond(send, lookup, composite, headers.get(b"if-none-match"), plan)
 
     async def _lookup(
         self,
@@ -213,15 +212,18 @@ async def _respond(
     lookup: Lookup,
     composite: Composite | None,
     if_none_match: bytes | None,
-    vary: tuple[bytes, ...] = (),
+    plan: EndpointPlan,
 ) -> None:
     entry = lookup.entry
+    vary = plan.vary
     body = entry.body
     if lookup.error_stale:
         body = with_stale_age(body, lookup.age_s)
     if entry.status == 200 and entry.complete and not lookup.error_stale:
-        # An answer that varies by who is asking is for that client's own cache only.
-        scope = b"private" if _PERSONAL.intersection(vary) else b"public"
+        # An answer built from who is asking (a forwarded Authorization or Cookie, cached or
+        # not, or a cache key varied by one) is for that client's own cache only.
+        personal = plan.personal or not PERSONAL_HEADERS.isdisjoint(vary)
+        scope = b"private" if personal else b"public"
         cache_control = scope + f", max-age={int(lookup.fresh_for_s)}".encode()
     else:
         cache_control = b"no-store"

@@ -80,6 +80,12 @@ class EndpointPlan:
     """Names of the calls that another call waits for."""
     vary: tuple[bytes, ...] = ()
     """Request headers (lower case) that are part of the cache key."""
+    personal: bool = False
+    """Whether a call forwards Authorization or Cookie: the answer is that client's alone."""
+
+
+PERSONAL_HEADERS = frozenset({b"authorization", b"cookie"})
+"""Request headers that say who is asking: an answer built from one is that client's alone."""
 
 
 def build_plans(config: GatewayConfig) -> tuple[EndpointPlan, ...]:
@@ -118,6 +124,7 @@ def build_plan(ep: EndpointConfig, sources: Mapping[str, SourceConfig]) -> Endpo
         tags=tags,
         awaited=frozenset(d for cp in calls for d in cp.deps),
         vary=tuple(h.lower().encode("latin-1") for h in (ep.cache.vary if ep.cache else ())),
+        personal=any(raw in PERSONAL_HEADERS for cp in calls for raw, _ in cp.forward),
     )
 
 

@@ -246,3 +246,41 @@ async def test_readyz_is_503_only_while_draining_or_starting(
         async with http.get(f"{url}/healthz") as resp:
             assert resp.status == 200  # alive, just not taking new work
         gw.draining = False
+
+
+# --- item 9: personal answers are never `public` ---------------------------------------------------
+
+PERSONAL_YAML = """\
+version: 1
+cache: {{url: "memory://"}}
+sources:
+  me: {{kind: http, base_url: "{up}", timeout_ms: 2000}}
+endpoints:
+  - path: /me/{{id:int}}
+    deadline_ms: 4000
+    calls:
+      me: {{source: me, path: "/me/{{id}}", forward_headers: [Authorization], required: true}}
+  - path: /cart/{{id:int}}
+    deadline_ms: 4000
+    cache: {{ttl_s: 60, vary: [cookie]}}
+    calls:
+      cart: {{source: me, path: "/cart/{{id}}", forward_headers: [Cookie], required: true}}
+"""
+
+
+@pytest.mark.parametrize("target", ["/me/1", "/cart/1"])
+async def test_an_answer_built_from_authorization_or_cookie_is_never_public(
+    target: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    upstream.route("/me/", json_body({"name": "ann"}))
+    upstream.route("/cart/", json_body({"items": 2}))
+    loaded = config.loads(PERSONAL_YAML.format(up=upstream.url), "personal.yaml", {})
+    personal = {"Authorization": "Bearer ann-token", "Cookie": "session=ann"}
+    async with serving(create_app(loaded=loaded)) as url:
+        for _ in range(2):  # a miss, then (on the cached endpoint) a hit
+            async with http.get(f"{url}{target}", headers=personal) as resp:
+                assert resp.status == 200
+                cache_control = resp.headers["Cache-Control"]
+            # `public` would let a shared cache hand one user's answer to the next.
+            assert "public" not in cache_control, cache_control
+            assert cache_control.startswith("private"), cache_control
