@@ -18,7 +18,15 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from cache.entry import COMPRESS_MIN_BYTES, CorruptEntry, Entry, decode, encode
+from cache.entry import (
+    COMPRESS_MIN_BYTES,
+    MAX_BODY_BYTES,
+    CorruptEntry,
+    Entry,
+    decode,
+    encode,
+    stored_limit,
+)
 from cache.memory import MemoryStore
 from cache.near import NearCache
 from cache.redis import redis_store
@@ -126,6 +134,7 @@ class CompositeCache:
         *,
         clock: Callable[[], float] = time.time,
         compress_min_bytes: int = COMPRESS_MIN_BYTES,
+        max_body_bytes: int = MAX_BODY_BYTES,
         on_event: Callable[[str], None] | None = None,
         near: NearCache | None = None,
     ) -> None:
@@ -134,6 +143,7 @@ class CompositeCache:
         self.on_event = on_event
         self._clock = clock
         self._compress_min_bytes = compress_min_bytes
+        self._max_body_bytes = max_body_bytes
         self._flights: dict[str, asyncio.Future[Lookup]] = {}
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -424,14 +434,16 @@ class CompositeCache:
         if data is None:
             return None
         try:
-            return decode(data)
+            return decode(data, self._max_body_bytes)
         except CorruptEntry as exc:
             self._failed(exc)  # Another codec version or garbage: recomputed and overwritten.
             return None
 
     async def _put(self, ask: _Ask, entry: Entry, lock: str) -> bool:
         """Store `entry` for its outcome's lifetime and release `lock`; return whether stored."""
-        keep = ask.policy.keep_for(entry)
+        # An answer longer than an entry read back may be is served, but not stored: stored, it
+        # would read as corrupt, a miss every time.
+        keep = ask.policy.keep_for(entry) if len(entry.body) <= self._max_body_bytes else 0.0
         try:
             if keep > 0:
                 await self.store.put(
@@ -483,8 +495,15 @@ def open_cache(cfg: CacheConfig) -> CompositeCache:
     if urlsplit(cfg.url).scheme == "memory":
         store = MemoryStore(cfg.memory_max_entries, cfg.memory_max_bytes)
     else:
-        redis = redis_store(cfg.url, cfg.key_prefix, cfg.op_timeout_ms / 1000)
+        redis = redis_store(
+            cfg.url, cfg.key_prefix, cfg.op_timeout_ms / 1000, stored_limit(cfg.max_entry_bytes)
+        )
         if cfg.near is not None:
             near = NearCache(cfg.near.max_entries, cfg.near.ttl_s, redis.listen)
         store = redis
-    return CompositeCache(store, compress_min_bytes=cfg.compress_min_bytes, near=near)
+    return CompositeCache(
+        store,
+        compress_min_bytes=cfg.compress_min_bytes,
+        max_body_bytes=cfg.max_entry_bytes,
+        near=near,
+    )

@@ -11,12 +11,19 @@ from hashlib import blake2b
 COMPRESS_MIN_BYTES = 4096
 """Bodies at least this long are stored zlib-compressed, unless the caller says otherwise."""
 
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""The longest body stored or read back, unless the caller says otherwise (`cache.max_entry_bytes`).
+
+A stored entry is only data from Redis: one that inflates past this is refused as it inflates,
+so a hostile 300 KB value that would become 300 MB costs no more than this."""
+
 # magic, version, flags, status, written_at, etag length; then the etag, then the body.
 _HEADER = struct.Struct(">2sBBHdB")
 _MAGIC = b"GW"
 _VERSION = 1
 _COMPLETE = 0x01
 _ZLIB = 0x02
+_INFLATE_STEP = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,11 @@ def etag_of(body: bytes) -> str:
     return '"' + blake2b(body, digest_size=16).hexdigest() + '"'
 
 
+def stored_limit(max_body_bytes: int = MAX_BODY_BYTES) -> int:
+    """Return the longest stored form of an entry whose body is at most `max_body_bytes` long."""
+    return _HEADER.size + 255 + max_body_bytes  # the ETag's length is one byte
+
+
 def encode(entry: Entry, compress_min_bytes: int = COMPRESS_MIN_BYTES) -> bytes:
     """Return the stored form of an entry; the body is compressed when it is long and shrinks."""
     flags = _COMPLETE if entry.complete else 0
@@ -58,8 +70,9 @@ def encode(entry: Entry, compress_min_bytes: int = COMPRESS_MIN_BYTES) -> bytes:
     return b"".join((header, etag, body))
 
 
-def decode(data: bytes) -> Entry:
-    """Return the entry stored in `data` without parsing its JSON; raise `CorruptEntry` if bad."""
+def decode(data: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> Entry:
+    """Return the entry stored in `data` without parsing its JSON; raise `CorruptEntry` if bad,
+    or if its body is (or inflates to) more than `max_body_bytes`, which is all it inflates."""
     try:
         magic, version, flags, status, written_at, etag_len = _HEADER.unpack_from(data)
     except struct.error:
@@ -70,10 +83,33 @@ def decode(data: bytes) -> Entry:
     if len(data) < start:
         raise CorruptEntry("truncated ETag")
     etag = data[_HEADER.size : start].decode("ascii", "replace")
+    # Stored bodies are only compressed when that shrinks them: no honest one is longer packed.
+    if len(data) - start > max_body_bytes:
+        raise CorruptEntry(f"body over {max_body_bytes} bytes")
     body = data[start:]
     if flags & _ZLIB:
-        try:
-            body = zlib.decompress(body)
-        except zlib.error as exc:
-            raise CorruptEntry(f"bad compressed body: {exc}") from None
+        body = _inflate(body, max_body_bytes)
     return Entry(status, body, bool(flags & _COMPLETE), written_at, etag)
+
+
+def _inflate(packed: bytes, limit: int) -> bytes:
+    """Return `packed` inflated; raise `CorruptEntry` once more than `limit` bytes came out (so a
+    bomb costs `limit` and a step, counted as the bytes come out of the decoder) or if bad."""
+    inflater = zlib.decompressobj()
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while not inflater.eof:
+            part = inflater.decompress(packed, _INFLATE_STEP)
+            packed = inflater.unconsumed_tail
+            if not part:
+                break  # All input taken and nothing pending: the stream ends before its end.
+            size += len(part)
+            if size > limit:
+                raise CorruptEntry(f"body inflates past {limit} bytes")
+            parts.append(part)
+    except zlib.error as exc:
+        raise CorruptEntry(f"bad compressed body: {exc}") from None
+    if not inflater.eof:
+        raise CorruptEntry("truncated compressed body")
+    return b"".join(parts)

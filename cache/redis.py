@@ -20,6 +20,7 @@ try:
 except ImportError:  # redis-py < 7 reads its version once at import; nothing to hoist there.
     DriverInfo = None  # type: ignore[assignment,misc]
 
+from cache.entry import stored_limit
 from cache.near import OnPurge
 from cache.store import CacheUnavailable
 
@@ -50,12 +51,15 @@ return 1
 """
 # Taken again by the token that holds it: an acquire that timed out on our side may have
 # taken the lock, and its owner's next poll must not wait for itself.
+# The entry is read as GETRANGE 0 ARGV[3], as `get` reads it: an empty string is no entry.
 _ACQUIRE = """
 local got = redis.call('set', KEYS[2], ARGV[1], 'nx', 'px', ARGV[2])
 if not got and redis.call('get', KEYS[2]) == ARGV[1] then
   got = redis.call('set', KEYS[2], ARGV[1], 'xx', 'px', ARGV[2])
 end
-return {got and 1 or 0, redis.call('get', KEYS[1])}
+local data = redis.call('getrange', KEYS[1], 0, ARGV[3])
+if data == '' then data = false end
+return {got and 1 or 0, data}
 """
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -76,6 +80,7 @@ class RedisStore:
         prefix: str,
         op_timeout_s: float,
         subscriber: Callable[[], Redis] | None = None,
+        max_value_bytes: int = stored_limit(),
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("a Redis key prefix must not contain braces (Cluster hash tags)")
@@ -85,6 +90,9 @@ class RedisStore:
         self._subscriber = subscriber
         self._channel = f"{prefix}purged"
         self._timeout = op_timeout_s
+        # Values are read with GETRANGE up to one byte past this: a longer one (which this
+        # gateway never writes) costs that much and no more, and reads as corrupt.
+        self._last_byte = max_value_bytes
         # redis-py's async Cluster client has no blocking pool (redis/redis-py#2522): past
         # max_connections on a node it raises. Capping operations in flight makes callers queue
         # instead, within their op timeout, as BlockingConnectionPool does for one server.
@@ -95,10 +103,16 @@ class RedisStore:
         self._abandoned: set[asyncio.Task[Any]] = set()
 
     async def get(self, key: str) -> bytes | None:
-        """Return the bytes stored under `key`, or None when there are none."""
-        data = await self._run("get", lambda: self._client.get(self._entry(key)))
-        # The clients are made without decode_responses, so values come back as bytes.
-        return data if data is None or isinstance(data, bytes) else data.encode()
+        """Return the bytes stored under `key` (at most `max_value_bytes` + 1 of them: more says
+        the value is longer), or None when there are none."""
+        data = await self._run(
+            "get", lambda: self._client.getrange(self._entry(key), 0, self._last_byte)
+        )
+        # The clients are made without decode_responses, so values come back as bytes; a missing
+        # key reads as an empty range, and no entry is empty.
+        if not data:
+            return None
+        return data if isinstance(data, bytes) else data.encode()
 
     async def put(
         self, key: str, data: bytes, keep_s: float, tags: Sequence[str], unlock: str = ""
@@ -117,12 +131,13 @@ class RedisStore:
 
     async def acquire(self, key: str, token: str, hold_s: float) -> tuple[bool, bytes | None]:
         """Take the lock on `key` (SET NX PX) unless another token holds it; return whether it was
-        taken and the entry's bytes, read in the same script (entry and lock share a slot)."""
+        taken and the entry's bytes (read as `get` reads them) in the same script (entry and lock
+        share a slot)."""
         hold_ms = max(1, int(hold_s * 1000))
         got, data = await self._run(
             "acquire",
             lambda: self._client.eval(
-                _ACQUIRE, 2, self._entry(key), self._lock(key), token, hold_ms
+                _ACQUIRE, 2, self._entry(key), self._lock(key), token, hold_ms, self._last_byte
             ),
         )
         return bool(got), data
@@ -323,8 +338,11 @@ def _slot_tag(name: str) -> str:
     return blake2b(name.encode(), digest_size=10).hexdigest()
 
 
-def redis_store(url: str, prefix: str, op_timeout_s: float) -> RedisStore:
-    """Return a store for `redis://`, `rediss://` or `redis+cluster://host:port` (no I/O yet)."""
+def redis_store(
+    url: str, prefix: str, op_timeout_s: float, max_value_bytes: int = stored_limit()
+) -> RedisStore:
+    """Return a store for `redis://`, `rediss://` or `redis+cluster://host:port` (no I/O yet)
+    that reads at most `max_value_bytes` + 1 bytes of a value."""
     parts = urlsplit(url)
     client: Redis | RedisCluster
     if parts.scheme == "redis+cluster":
@@ -354,4 +372,4 @@ def redis_store(url: str, prefix: str, op_timeout_s: float) -> RedisStore:
             **extra,
         )
         client = Redis.from_pool(pool)
-    return RedisStore(client, prefix, op_timeout_s, _subscriber_of(url))
+    return RedisStore(client, prefix, op_timeout_s, _subscriber_of(url), max_value_bytes)

@@ -277,6 +277,7 @@ class CacheConfig(_Model):
     memory_max_entries: Annotated[int, Field(ge=1)] = 10_000
     memory_max_bytes: Annotated[int, Field(ge=1)] = 64 * 1024 * 1024
     compress_min_bytes: Annotated[int, Field(ge=0)] = 4096
+    max_entry_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
     near: NearCacheConfig | None = None
 
     @field_validator("url")

@@ -6,15 +6,18 @@ under traffic."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis
 
-from cache.entry import decode
+from cache.entry import decode, encode, make_entry
 from gateway import edge
 from gateway.app import create_app
 from gateway.config import LoadedConfig
@@ -150,3 +153,58 @@ async def test_requests_joined_to_a_flight_whose_leader_hits_a_bug_get_200(
         answers = await asyncio.gather(*followers)
     assert [status for status, _, _ in answers] == [200] * 10
     assert sims.counts()["pricing"] == 1  # one of them led in its place; the others shared it
+
+
+# --- item 6: entries that inflate to hundreds of MB -------------------------------------------
+
+
+def bomb(inflated: int) -> bytes:
+    """Return a zlib stream of `inflated` zero bytes (about 1/1000 of that long)."""
+    packer = zlib.compressobj(9)
+    chunk = bytes(1 << 20)
+    return b"".join([*(packer.compress(chunk) for _ in range(inflated >> 20)), packer.flush()])
+
+
+def hostile(kind: str) -> bytes:
+    """Return a stored entry, fresh and complete, whose body is a 300 MB zlib bomb (`zlib`) or
+    100 MB of raw bytes (`raw`), laid out as the gateway's own codec writes entries."""
+    body = b"0" * 100
+    packed = zlib.compress(body, 1)
+    stored = encode(make_entry(200, body, True), compress_min_bytes=0)
+    assert stored.endswith(packed)
+    if kind == "zlib":
+        return stored[: -len(packed)] + bomb(300 << 20)
+    raw = encode(make_entry(200, body, True), compress_min_bytes=len(body) + 1)
+    return raw + bytes(100 << 20)
+
+
+@pytest.mark.parametrize("kind", ["zlib", "raw"])
+async def test_a_hostile_entry_in_redis_is_a_miss_that_costs_a_few_mb(
+    sims: Simulators,
+    catalog_dsn: str,
+    redis_url: str,
+    redis_prefix: str,
+    http: aiohttp.ClientSession,
+    kind: str,
+) -> None:
+    env = product_view_env(sims, catalog_dsn, redis_url)
+    async with gateway(loaded(env, redis_prefix)) as (url, _):
+        assert (await get(http, f"{url}/products/42"))[0] == 200
+        client = redis.Redis.from_url(redis_url)
+        try:
+            (key,) = [k for k in client.scan_iter(match=f"{redis_prefix}*:e")]
+            client.set(key, hostile(kind), px=60_000)
+        finally:
+            client.close()
+        tracemalloc.start()
+        try:
+            status, headers, body = await get(http, f"{url}/products/42")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (status, headers["X-Cache"]) == (200, "MISS")
+        assert orjson.loads(body)["product"]["id"] == 42
+        print(f"\nhostile {kind} entry: peak traced allocation {peak / 1e6:.1f} MB")
+        assert peak < 40e6, peak  # the 8 MiB read/inflate bound, copies included; not 100-300 MB
+        status, headers, again = await get(http, f"{url}/products/42")
+        assert (status, headers["X-Cache"], again) == (200, "HIT", body)  # overwritten

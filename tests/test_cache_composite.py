@@ -197,6 +197,19 @@ def test_not_found_is_kept_only_for_not_found_ttl() -> None:
     assert POLICY.keep_for(Entry(200, body, True, 0.0, etag_of(body))) == 60 + 3600
 
 
+async def test_answers_longer_than_max_body_bytes_are_served_but_not_stored(
+    new_store: StoreFactory, clock: Clock
+) -> None:
+    cache = CompositeCache(new_store(), clock=clock, max_body_bytes=7)
+    up = Upstream(clock)  # its bodies, b'{"n":1}', are 7 bytes long
+    assert await fetch(cache, up) == ("MISS", 200, b'{"n":1}')
+    assert await fetch(cache, up) == ("HIT", 200, b'{"n":1}')
+    cache = CompositeCache(new_store(), clock=clock, max_body_bytes=6)
+    assert await fetch(cache, up, key="other") == ("MISS", 200, b'{"n":2}')
+    assert await fetch(cache, up, key="other") == ("MISS", 200, b'{"n":3}')
+    assert await fetch(cache, up) == ("MISS", 200, b'{"n":4}')  # k's 7 bytes: read as corrupt
+
+
 @pytest.mark.parametrize("status", [502, 503, 504])
 async def test_server_errors_are_never_stored(
     cache: CompositeCache, clock: Clock, status: int

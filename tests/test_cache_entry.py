@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
+import zlib
 from urllib.parse import quote
 
 import orjson
@@ -10,7 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.entry import CorruptEntry, Entry, decode, encode, etag_of, make_entry
+from cache.entry import (
+    CorruptEntry,
+    Entry,
+    decode,
+    encode,
+    etag_of,
+    make_entry,
+    stored_limit,
+)
 from cache.keys import composite_key
 
 
@@ -66,6 +76,45 @@ def test_decode_rejects_a_corrupt_compressed_body() -> None:
     data = encode(entry)
     with pytest.raises(CorruptEntry):
         decode(data[:-10] + b"0123456789")
+
+
+def with_body(entry: Entry, packed: bytes) -> bytes:
+    """Return `entry`'s stored form (compressed) with its body replaced by `packed`."""
+    data = encode(entry, compress_min_bytes=0)
+    return data[: -len(zlib.compress(entry.body, 1))] + packed
+
+
+def test_decode_inflates_no_further_than_its_limit() -> None:
+    entry = make_entry(200, b"0" * 100, True)
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 KB that inflate to 64 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptEntry, match="inflates past 1048576"):
+            decode(with_body(entry, bomb), max_body_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+
+
+def test_decode_takes_bodies_up_to_its_limit_and_refuses_longer_ones() -> None:
+    body = b"[" + b"1," * 5000 + b"1]"
+    entry = make_entry(200, body, True)
+    assert decode(encode(entry), max_body_bytes=len(body)) == entry
+    with pytest.raises(CorruptEntry, match="inflates past"):
+        decode(encode(entry), max_body_bytes=len(body) - 1)
+    raw = encode(entry, compress_min_bytes=len(body) + 1)
+    assert decode(raw, max_body_bytes=len(body)) == entry
+    with pytest.raises(CorruptEntry, match="body over"):
+        decode(raw, max_body_bytes=len(body) - 1)
+    assert len(raw) == stored_limit(len(body)) - 255 + len(entry.etag)
+
+
+def test_decode_rejects_a_truncated_compressed_body() -> None:
+    entry = make_entry(200, b"[" + b"1," * 5000 + b"1]", True)
+    data = encode(entry)
+    with pytest.raises(CorruptEntry, match="truncated"):
+        decode(data[:-20])
 
 
 def test_composite_key_is_canonical_and_separates_parameters() -> None:

@@ -166,6 +166,21 @@ async def test_tag_sets_expire_with_their_longest_entry(redis_url: str, redis_pr
         await store.close()
 
 
+async def test_a_value_is_read_no_further_than_one_byte_past_the_limit(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store = redis_store(redis_url, redis_prefix, 0.5, max_value_bytes=1000)
+    await store.put("long", b"x" * 5000, 60, [])
+    await store.put("short", b"y" * 10, 60, [])
+    assert await store.get("long") == b"x" * 1001  # one byte more says it is longer
+    assert (await store.acquire("long", "t", 5))[1] == b"x" * 1001
+    assert await store.get("short") == b"y" * 10
+    assert (await store.acquire("short", "t", 5))[1] == b"y" * 10
+    assert await store.get("none") is None
+    assert await store.acquire("none", "t", 5) == (True, None)
+    await store.close()
+
+
 def test_an_entry_and_its_lock_share_a_slot_and_braces_in_keys_do_not_move_it() -> None:
     store = RedisStore(redis.asyncio.Redis(), "gw:", 0.02)
     for key in ["gw:/products/%7Bid%7D:d:id=1", "a{b}c", "{", "}x{"]:
