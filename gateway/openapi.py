@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.plan import EndpointPlan
+from gateway.plan import INT_MAX, INT_MIN, MAX_SEGMENT, EndpointPlan
 
-_TYPES = {"int": {"type": "integer"}, "str": {"type": "string"}, "float": {"type": "number"}}
+# The bounds that parameter parsing enforces (gateway/plan.py); anything outside them is a 422.
+_TYPES = {
+    "int": {"type": "integer", "minimum": INT_MIN, "maximum": INT_MAX},
+    "str": {"type": "string", "maxLength": MAX_SEGMENT},
+    "float": {"type": "number", "description": "A finite number: nan and inf are refused."},
+}
 
 _META = {
     "type": "object",

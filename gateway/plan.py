@@ -6,10 +6,10 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import TypeAdapter
+from pydantic import Field, TypeAdapter
 
 from gateway import templates
 from gateway.config import (
@@ -32,12 +32,23 @@ from upstreams.sql import sql_source
 Scope = Mapping[str, Any]
 Render = Callable[[Scope], tuple[str, Mapping[str, Any]]]
 
-_PARAM_TYPES: dict[str, type] = {"int": int, "str": str, "float": float}
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""The range of `int` path parameters: what every database binds (SQLite's INTEGER is 64-bit)."""
+MAX_SEGMENT = 256
+"""The most characters a `str` path parameter may have (after percent-decoding)."""
+
+# Checked when a request's parameters are parsed, before any I/O: a value no source could take
+# (an int past 64 bits, `nan`, `inf`, `1e309`) is the client's 422, not every source's error.
+_PARAM_TYPES: dict[str, Any] = {
+    "int": Annotated[int, Field(ge=INT_MIN, le=INT_MAX)],
+    "str": Annotated[str, Field(max_length=MAX_SEGMENT)],
+    "float": Annotated[float, Field(allow_inf_nan=False)],
+}
 
 
 @dataclass(frozen=True, slots=True)
 class ParamPlan:
-    """One typed path parameter and the validator that parses it."""
+    """One typed path parameter and the validator that parses and bounds it."""
 
     name: str
     type: str
