@@ -34,7 +34,7 @@ def serve(
 
     from gateway.server import http_protocol
 
-    if check_quietly(path) != 0:
+    if check_quietly(path) != 0 or not admin_token_ok():
         return 1
     os.environ["GATEWAY_CONFIG"] = path
     os.environ["GATEWAY_WATCH"] = "1" if watch else "0"
@@ -74,6 +74,18 @@ def check_quietly(path: str) -> int:
     return 0
 
 
+def admin_token_ok() -> bool:
+    """Return whether `GATEWAY_ADMIN_TOKEN` is unset or long enough; otherwise print why not."""
+    from gateway import admin
+
+    try:
+        admin.token_from_env()
+    except ValueError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run one subcommand."""
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
@@ -101,4 +113,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(serve(args.config, args.host, args.port, args.workers, args.log_level, args.watch))
     from gateway import demo
 
+    if not admin_token_ok():
+        sys.exit(1)
     sys.exit(demo.run(args.host, args.port, mysql=args.mysql, redis=args.redis))

@@ -73,7 +73,10 @@ def read(path: Path) -> str:
 
 
 def server_env(
-    sims: Simulators, catalog_dsn: str, cache_url: str, admin_token: str | None = "admin-token"
+    sims: Simulators,
+    catalog_dsn: str,
+    cache_url: str,
+    admin_token: str | None = "admin-token-for-the-tests",
 ) -> dict[str, str]:
     """Return the variables the shipped gateway.yaml reads, pointing at test servers."""
     env = {
@@ -94,7 +97,7 @@ def set_server_env(
     sims: Simulators,
     catalog_dsn: str,
     cache_url: str,
-    admin_token: str | None = "admin-token",
+    admin_token: str | None = "admin-token-for-the-tests",
     **extra: str,
 ) -> dict[str, str]:
     """Put `server_env`'s variables (and `extra`) in this process's environment for the test, as a

@@ -5,6 +5,8 @@ network and a guessable admin token. Real app, real MariaDB, real loopback serve
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -248,7 +250,7 @@ async def test_readyz_is_503_only_while_draining_or_starting(
         gw.draining = False
 
 
-# --- item 9: personal answers are never `public` ---------------------------------------------------
+# --- item 9: personal answers are never `public` ------------------------------------------------
 
 PERSONAL_YAML = """\
 version: 1
@@ -284,3 +286,52 @@ async def test_an_answer_built_from_authorization_or_cookie_is_never_public(
             # `public` would let a shared cache hand one user's answer to the next.
             assert "public" not in cache_control, cache_control
             assert cache_control.startswith("private"), cache_control
+
+
+# --- item 9: the admin token has a minimum length ---------------------------------------------
+
+SHORT_TOKENS = ["x", "admin", "admin-token", "fifteen-chars!!"]
+
+
+@pytest.mark.parametrize("short", SHORT_TOKENS)
+def test_a_short_admin_token_refuses_to_start_the_app(
+    short: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", short)
+    loaded = probe_config("sqlite:///nowhere.db", "http://127.0.0.1:9", 9)
+    with pytest.raises(ValueError, match=r"GATEWAY_ADMIN_TOKEN.*at least 16"):
+        create_app(loaded=loaded)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "x" * 16)
+    assert "/admin/config" in create_app(loaded=loaded).openapi()["paths"]
+
+
+async def test_gateway_serve_with_a_short_admin_token_exits_with_a_clear_message(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        PROBE_YAML.format(catalog="sqlite:///nowhere.db", up="http://127.0.0.1:9", dead=9)
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(path),
+        "--port",
+        str(unused_port()),
+        env={**os.environ, "GATEWAY_ADMIN_TOKEN": "admin-token"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    message = err.decode()
+    assert "GATEWAY_ADMIN_TOKEN" in message and "at least 16" in message, message
+    assert "Traceback" not in message and "admin-token" not in message
