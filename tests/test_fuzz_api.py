@@ -48,6 +48,17 @@ ADMIN = {
 }
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 SHIPPED = (Path(__file__).resolve().parent.parent / "gateway.yaml").read_text()
+NEAR = """\
+  - path: /near/{lat:float}/{tag}
+    deadline_ms: 5000
+    calls:
+      recs: {source: recs, path: /recommendations/7, query: {lat: "{lat}", tag: "{tag}"}}
+      rows:
+        source: catalog
+        query: "SELECT id FROM products WHERE price > %(lat)s AND category = %(tag)s LIMIT 3"
+"""
+"""An endpoint with a float and a str parameter, appended to the shipped config: their bounds
+(finite; 256 characters) are fuzzed too, and positive values reach MariaDB and a service."""
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +87,7 @@ def app_url(
             text = SHIPPED
             for old, new in GENEROUS.items():
                 text = text.replace(old, new)
+            text = text.rstrip("\n") + "\n" + NEAR
             path = tmp_path / "gateway.yaml"
             path.write_text(text)
             set_server_env(monkeypatch, sims, catalog_dsn, "memory://", TOKEN)
@@ -125,7 +137,13 @@ def test_fuzzed_requests_get_only_declared_statuses_and_schema_conforming_bodies
     assert all(isinstance(r, Ok) for r in results), results  # the app's OpenAPI is valid
     operations = [r.ok() for r in results if isinstance(r, Ok)]
     labels = {op.label for op in operations}
-    assert {"GET /products/{id}", "GET /healthz", "GET /readyz", *ADMIN} <= labels, labels
+    assert {
+        "GET /products/{id}",
+        "GET /near/{lat}/{tag}",
+        "GET /healthz",
+        "GET /readyz",
+        *ADMIN,
+    } <= labels, labels
     statuses: Counter[tuple[str, int]] = Counter()
     with requests.Session() as session:
         for operation in operations:
@@ -141,6 +159,7 @@ def test_fuzzed_requests_get_only_declared_statuses_and_schema_conforming_bodies
     print("fuzzed:", dict(sorted(statuses.items())))
     seen = {s for (label, s) in statuses if label == "GET /products/{id}"}
     assert 200 in seen and 422 in seen, statuses  # both kinds of input were tried
+    assert {200, 422} <= {s for (label, s) in statuses if label == "GET /near/{lat}/{tag}"}
     # The admin routes were fuzzed behind the token, not just turned away at the door.
     assert all(statuses[(label, 200)] for label in ADMIN - {"GET /admin/debug/memory"}), statuses
     assert statuses[("GET /admin/debug/memory", 409)], statuses  # tracemalloc is off here
@@ -178,3 +197,38 @@ def fuzz(
         case.validate_response(response, checks=CHECKS)
 
     one()
+
+
+HOSTILE_PARAMETERS = [
+    f"/products/{2**63}",
+    f"/products/{-(2**63) - 1}",
+    f"/products/{2**64 - 1}",
+    "/products/" + "9" * 40,
+    "/near/nan/home",
+    "/near/NaN/home",
+    "/near/inf/home",
+    "/near/-inf/home",
+    "/near/Infinity/home",
+    "/near/1e309/home",
+    "/near/-1e309/home",
+    "/near/1.5/" + "t" * 257,
+]
+"""Values past the parameters' bounds, which schemathesis draws only by chance: each a 422."""
+
+
+def test_parameters_past_their_bounds_are_422_and_reach_no_source(
+    app_url: tuple[str, Simulators],
+) -> None:
+    base_url, sims = app_url
+    before = sims.counts()
+    with requests.Session() as session:
+        for target in HOSTILE_PARAMETERS:
+            response = session.get(base_url + target, timeout=10)
+            assert response.status_code == 422, (target, response.text[:300])
+            (error,) = response.json()["detail"]
+            assert error["loc"][0] == "path", (target, error)
+        assert sims.counts() == before
+        for target in (f"/products/{2**63 - 1}", "/near/1.5e308/" + "t" * 256):
+            response = session.get(base_url + target, timeout=10)
+            assert response.status_code in (200, 404), (target, response.text[:300])
+        assert sims.counts() != before  # values at the bounds do reach the services
