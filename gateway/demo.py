@@ -16,6 +16,8 @@ from gateway.catalog import seed_mysql, seed_sqlite
 from gateway.simulator import start_simulators
 
 PRODUCTS = 10_000
+LOOPBACK = "127.0.0.1"
+"""Where the simulated services listen, whatever `--host` the gateway is given."""
 
 
 def example_path() -> str:
@@ -44,7 +46,9 @@ async def serve_demo(
 ) -> None:
     """Start the simulated services and the catalog, then serve the gateway on them."""
     workdir = tempfile.mkdtemp(prefix="gateway-demo-")
-    sims = await start_simulators(host)
+    # Loopback whatever `host` is: the simulators answer anything (and can be told to fail or
+    # hang); only the gateway itself is for other machines to reach.
+    sims = await start_simulators(LOOPBACK)
     try:
         if mysql:
             await seed_mysql(mysql, PRODUCTS)

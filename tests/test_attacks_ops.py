@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +21,8 @@ import pytest
 from gateway import cli, config
 from gateway.app import create_app
 from gateway.readiness import Readiness
-from tests.config_files import write_atomically
-from tests.serving import serving
+from tests.config_files import wait_healthy, write_atomically
+from tests.serving import free_port, serving
 from tests.upstream_server import UpstreamServer, echo, json_body, unused_port
 
 ADMIN_TOKEN = "ops-attack-admin-token-3b9c"
@@ -335,3 +338,67 @@ async def test_gateway_serve_with_a_short_admin_token_exits_with_a_clear_message
     message = err.decode()
     assert "GATEWAY_ADMIN_TOKEN" in message and "at least 16" in message, message
     assert "Traceback" not in message and "admin-token" not in message
+
+
+# --- item 9: the demo's simulated services stay on loopback -----------------------------------
+
+
+def listening_hosts(port: int) -> set[str]:
+    """Return the local addresses of the sockets listening on TCP `port` (Linux /proc/net)."""
+    hosts = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port and len(address) == width:
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]
+                packed = b"".join(words)
+                hosts.add(
+                    socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, packed)
+                )
+    return hosts
+
+
+async def test_demo_on_all_interfaces_keeps_its_simulators_on_loopback() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "demo",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "GATEWAY_LOG_LEVEL": "warning"},
+    )
+    assert proc.stdout is not None
+    printed: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while not printed or not printed[-1].startswith("try:"):
+                line = (await proc.stdout.readline()).decode()
+                assert line, f"the demo stopped: {printed}"
+                printed.append(line.rstrip())
+        sims = {
+            int(m.group(1)) for line in printed if (m := re.search(r"http://[^ ]+:(\d+)$", line))
+        }
+        assert len(sims) == 4, printed
+        for sim_port in sims:
+            hosts = listening_hosts(sim_port)
+            assert hosts and hosts <= {"127.0.0.1", "::1"}, (sim_port, hosts)
+        # The gateway itself listens where it was told to.
+        await wait_healthy(f"http://127.0.0.1:{port}", proc, None, within_s=30)
+        assert listening_hosts(port) == {"0.0.0.0"}
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.communicate(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
