@@ -68,8 +68,9 @@ def map_errors(name: str) -> Iterator[None]:
     except sqlite3.Error as exc:
         raise SourceUnavailable(f"{name}: {exc}") from exc
     except (ValueError, TypeError, OverflowError) as exc:
-        # What both drivers raise while binding a value (UnicodeEncodeError is a ValueError).
-        raise Unsendable(f"{name}: cannot bind a value: {type(exc).__name__}: {exc}") from exc
+        # What both drivers raise while binding a value (UnicodeEncodeError is a ValueError),
+        # and aiosqlite on a closed connection.
+        raise Unsendable(f"{name}: {type(exc).__name__}: {exc}") from exc
 
 
 # --- MySQL / MariaDB -------------------------------------------------------------------------
