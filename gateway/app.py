@@ -25,7 +25,7 @@ from gateway.edge import EndpointHandler
 from gateway.errors import ConfigError, SourceError
 from gateway.metrics import Metrics, multiprocess_dir, request_observer, sample_forever
 from gateway.metrics import endpoint as metrics_endpoint
-from gateway.openapi import endpoint_paths, validation_schemas
+from gateway.openapi import endpoint_paths, install_docs, validation_schemas
 from gateway.plan import EndpointPlan, build_plans
 from gateway.readiness import Readiness
 from gateway.routing import outer_stack
@@ -193,8 +193,15 @@ def create_app(
             await asyncio.to_thread(log.flush)  # the last lines, before the process may exit
 
     app = FastAPI(
-        title="Aggregation gateway", version="0.1.0", lifespan=lifespan, **_no_framework_telemetry()
+        title="Aggregation gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        # FastAPI's own pages load Swagger UI and ReDoc from a CDN; ours serve them offline.
+        docs_url=None,
+        redoc_url=None,
+        **_no_framework_telemetry(),
     )
+    install_docs(app)
     app.state.gateway = gw
     gw.app = app
     framework_stack = app.build_middleware_stack

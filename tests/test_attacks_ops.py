@@ -402,3 +402,28 @@ async def test_demo_on_all_interfaces_keeps_its_simulators_on_loopback() -> None
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+# --- item 9: /docs and /redoc work without the internet ----------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_docs_pages_load_every_asset_from_the_gateway_itself(
+    page: str, upstream: UpstreamServer, http: aiohttp.ClientSession
+) -> None:
+    loaded = config.loads(PERSONAL_YAML.format(up=upstream.url), "personal.yaml", {})
+    async with serving(create_app(loaded=loaded)) as url:
+        async with http.get(f"{url}{page}") as resp:
+            assert resp.status == 200
+            html = await resp.text()
+        # Attribute URLs, the spec URL Swagger UI is given, and ReDoc's spec-url.
+        refs = re.findall(r'(?:src|href|spec-url)="([^"]+)"', html)
+        refs += re.findall(r"\burl: '([^']+)'", html)
+        assert refs, html
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html, re.I), html
+        for ref in refs:
+            assert ref.startswith("/") and not ref.startswith("//"), ref
+            async with http.get(f"{url}{ref}") as resp:
+                assert resp.status == 200, ref
+                assert len(await resp.read()) > 0, ref
+        assert any(r.endswith(".js") for r in refs) and "/openapi.json" in refs
