@@ -9,10 +9,12 @@ and the real MariaDB catalog.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -22,9 +24,13 @@ from multidict import CIMultiDictProxy
 from bench.overhead import scope
 from gateway import config
 from gateway.catalog import seed_sqlite
+from gateway.config import HttpSourceConfig
+from gateway.errors import Unsendable
 from gateway.log import _request_id
+from gateway.types import Call
 from tests.serving import serving_config
 from tests.upstream_server import UpstreamServer, json_body, raw
+from upstreams.http import http_source
 
 VALUES_YAML = """\
 version: 1
@@ -198,6 +204,25 @@ async def test_a_forwarded_header_the_httpx_client_cannot_encode_is_that_calls_e
     assert doc["_meta"]["sources"] == {"upx": "error"}
     status, doc, _ = await get(http, f"{gateway}/forward/3", {"X-Lang": "fr"})
     assert status == 200 and doc["_meta"]["complete"], doc
+
+
+@pytest.mark.parametrize("kind", ["aiohttp", "httpx"])
+async def test_each_http_client_sends_a_non_ascii_header_or_fails_the_call_cleanly(
+    upstream: UpstreamServer, kind: Literal["aiohttp", "httpx"]
+) -> None:
+    cfg = HttpSourceConfig(kind="http", base_url=upstream.url, client=kind)
+    source = await http_source("up", cfg)
+    deadline = asyncio.get_running_loop().time() + 5
+    try:
+        call = Call("up", "c", "/a/1", {}, 5.0, deadline, headers={"X-Lang": "français"})
+        try:
+            assert await source.call(call) == {"ok": True}
+            assert kind == "aiohttp"  # sent as UTF-8
+        except Unsendable:
+            assert kind == "httpx" and upstream.seen == []  # header values are ASCII only
+        assert await source.call(replace(call, headers={"X-Lang": "fr"})) == {"ok": True}
+    finally:
+        await source.close()
 
 
 # --- upstream JSON the merge cannot encode --------------------------------------------------
