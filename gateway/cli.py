@@ -32,10 +32,11 @@ def serve(
     """Run the gateway under uvicorn (uvloop, httptools) until interrupted."""
     import uvicorn
 
-    from gateway.server import http_protocol
+    from gateway.server import uvicorn_options
 
     if check_quietly(path) != 0 or not admin_token_ok():
         return 1
+    server = config.load(path).config.server  # valid: checked just above
     os.environ["GATEWAY_CONFIG"] = path
     os.environ["GATEWAY_WATCH"] = "1" if watch else "0"
     metrics_dir = None
@@ -52,7 +53,8 @@ def serve(
             port=port,
             workers=workers,
             loop="uvloop",
-            http=http_protocol(),  # httptools, one write per response
+            # httptools, one write per response; `server:`'s limits, keep-alive and drain time
+            **uvicorn_options(server),
             log_level=log_level,
             access_log=False,
             lifespan="on",

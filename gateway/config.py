@@ -296,12 +296,24 @@ class CacheConfig(_Model):
         return self
 
 
+class ServerConfig(_Model):
+    """How `gateway serve` treats client connections, per process: read when it starts."""
+
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    body_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    keepalive_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    drain_s: Annotated[float, Field(ge=0, le=600)] = 10.0
+
+
 class GatewayConfig(_Model):
     """A whole gateway.yaml, parsed and cross-checked."""
 
     version: Literal[1] = 1
     cache: CacheConfig = CacheConfig()
     propagation: PropagationConfig = PropagationConfig()
+    server: ServerConfig = ServerConfig()
     sources: dict[str, SourceConfig]
     endpoints: list[EndpointConfig]
 

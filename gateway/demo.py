@@ -13,6 +13,7 @@ import uvicorn
 from gateway import config
 from gateway.app import create_app
 from gateway.catalog import seed_mysql, seed_sqlite
+from gateway.server import uvicorn_options
 from gateway.simulator import start_simulators
 
 PRODUCTS = 10_000
@@ -73,7 +74,13 @@ async def serve_demo(
         app = create_app(loaded=loaded)
         server = uvicorn.Server(
             uvicorn.Config(
-                app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+                **uvicorn_options(loaded.config.server),
             )
         )
         base = f"http://{host}:{port}"

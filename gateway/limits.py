@@ -1,8 +1,10 @@
 """Request size limits: a pure-ASGI middleware that refuses oversized headers and bodies.
 
-uvicorn's httptools parser refuses a very long request line, but takes headers of any size and
-leaves bodies to the app, and FastAPI reads a whole body before a route's dependencies run (the
-admin token check among them). Nothing the gateway serves takes more than a small JSON body.
+The head's size is first bounded by the protocol `gateway serve` runs (gateway/server.py counts
+its bytes as they arrive, before httptools buffers them); the check here holds under any other
+ASGI server too. Bodies are left to the app by uvicorn, and FastAPI reads a whole body before a
+route's dependencies run (the admin token check among them). Nothing the gateway serves takes
+more than a small JSON body.
 """
 
 from __future__ import annotations

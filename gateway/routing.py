@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.limits import RequestLimits
+from gateway.limits import MAX_HEADER_BYTES, RequestLimits
 from gateway.log import AccessLog, Observer
 
 
@@ -32,10 +32,13 @@ class EndpointRoutes:
 
 
 def outer_stack(
-    framework: ASGIApp, routes: Callable[[], Sequence[BaseRoute]], observe: Observer
+    framework: ASGIApp,
+    routes: Callable[[], Sequence[BaseRoute]],
+    observe: Observer,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> ASGIApp:
     """Return the stack, outermost first: access log (with request metrics), request size limits,
     endpoint fast path, then the framework. Endpoint requests skip FastAPI's middleware and
     router: measured by bench/, they are the product's hot path."""
     app: ASGIApp = EndpointRoutes(routes, framework)
-    return AccessLog(RequestLimits(app), observe)
+    return AccessLog(RequestLimits(app, max_header_bytes), observe)

@@ -4,13 +4,17 @@ one system call. A real uvicorn server on a loopback port, its transport's write
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.config import ServerConfig
 from gateway.server import HeadWithBody, OneWriteHttpToolsProtocol, http_protocol
 from tests.serving import free_port
 
@@ -47,6 +51,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         reply = b"got " + body
+    elif scope["path"] == "/slow":
+        await asyncio.sleep(0.6)
+        reply = b"slow"
     else:
         reply = b"hello"
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(reply)).encode())]
@@ -57,11 +64,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @asynccontextmanager
-async def server() -> AsyncIterator[int]:
+async def server(limits: ServerConfig | None = None) -> AsyncIterator[int]:
     port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="critical", http=RecordedProtocol
-    )
+    protocol: Any = RecordedProtocol
+    if limits is not None:
+        protocol = functools.partial(RecordedProtocol, limits=limits)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", http=protocol)
     srv = uvicorn.Server(config)
     srv.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(srv.serve())
@@ -94,6 +102,9 @@ async def exchange(port: int, request: bytes, expect_continue: bool = False) -> 
 def test_gateway_serve_uses_the_one_write_protocol() -> None:
     # If uvicorn ever drops the hook, this says so instead of silently writing twice.
     assert http_protocol() is OneWriteHttpToolsProtocol
+    assert callable(getattr(HttpToolsProtocol, "_start_asgi_task", None))
+    limited = http_protocol(ServerConfig(max_connections=5))
+    assert isinstance(limited, functools.partial) and limited.func is OneWriteHttpToolsProtocol
 
 
 async def test_a_response_leaves_in_one_write() -> None:
@@ -171,3 +182,93 @@ def test_head_with_body_joins_only_a_head_and_what_follows_it(
         transport.write(data)
     assert sink.writes == written
     assert transport.is_closing() is False  # everything else is the real transport's
+
+
+async def read_until_closed(reader: asyncio.StreamReader, within_s: float) -> tuple[bytes, float]:
+    """Return what the server sent until it closed, and after how many seconds it did."""
+    started = time.monotonic()
+    got = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), within_s):
+            got += chunk
+    except ConnectionError:
+        pass
+    return got, time.monotonic() - started
+
+
+SMALL = ServerConfig(max_header_bytes=4096, header_timeout_s=0.3, body_timeout_s=0.3)
+
+
+async def test_a_head_over_the_limit_is_refused_431_before_the_app_sees_it() -> None:
+    async with server(SMALL) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000 + b"\r\n\r\n")
+        got, _ = await read_until_closed(reader, 5)
+        writer.close()
+    assert got.startswith(b"HTTP/1.1 431 ") and b"connection: close" in got
+    assert got.endswith(b'{"error":{"status":431,"message":"request head too large"}}')
+
+
+async def test_heads_within_the_limit_are_served_whatever_follows_them_in_the_same_read() -> None:
+    head = b"POST /upload HTTP/1.1\r\nhost: x\r\nx-pad: " + b"p" * 3000
+    body = b"b" * 200_000
+    request = head + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    pipelined = b"GET / HTTP/1.1\r\nhost: x\r\nx-pad: " + b"p" * 1000 + b"\r\n\r\n"
+    async with server(SMALL) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)  # one write: the head's end and a large body in the same reads
+        resp = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert resp.startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.readexactly(4 + len(body)), 5) == b"got " + body
+        writer.write(pipelined * 10)  # ten heads, 10 kB in all: each under the limit
+        for _ in range(10):
+            resp = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert resp.startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+        writer.close()
+
+
+async def test_a_head_or_a_body_not_complete_in_time_gets_408_and_a_close() -> None:
+    async with server(SMALL) as port:
+        for partial in (
+            b"GET / HTTP/1.1\r\nhost: x\r\n",
+            b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(partial)
+            got, after = await read_until_closed(reader, 5)
+            writer.close()
+            assert got.startswith(b"HTTP/1.1 408 ") and after < 3, (got, after)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got, after = await read_until_closed(reader, 5)  # never asked: closed, no answer
+        writer.close()
+        assert got == b"" and after < 3
+
+
+async def test_the_timeout_is_per_head_not_per_response_nor_per_connection() -> None:
+    async with server(SMALL) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for path in (b"/slow", b"/", b"/slow"):  # each answer takes longer than the timeout
+            for part in (b"GET " + path + b" HTTP/1.1\r\n", b"host: x\r\n", b"\r\n"):
+                writer.write(part)  # a head in three parts, each well within the timeout
+                await asyncio.sleep(0.05)
+            resp = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert resp.startswith(b"HTTP/1.1 200 ")
+            await asyncio.wait_for(reader.readexactly(4 if path == b"/slow" else 5), 5)
+            await asyncio.sleep(0.4)  # idle between requests: keep-alive's time, not the head's
+        writer.close()
+
+
+async def test_connections_beyond_the_cap_get_503_at_once_and_the_cap_frees_on_close() -> None:
+    async with server(ServerConfig(max_connections=2)) as port:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got, after = await read_until_closed(reader, 5)
+        writer.close()
+        assert got.startswith(b"HTTP/1.1 503 ") and after < 3
+        for _, w in held:
+            w.close()
+        await asyncio.sleep(0.2)
+        got = await exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert got.endswith(b"hello")
