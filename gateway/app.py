@@ -9,6 +9,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import structlog
@@ -178,9 +179,11 @@ def create_app(
         if multiprocess_dir() is not None:
             background.append(asyncio.create_task(sample_forever(gw.metrics)))
         hup = _on_sighup(gw)
+        term = _on_sigterm(gw)
         try:
             yield
         finally:
+            term()
             hup()
             await readiness.close()
             for task in background:
@@ -196,6 +199,9 @@ def create_app(
         title="Aggregation gateway",
         version="0.1.0",
         lifespan=lifespan,
+        # Starlette's slash redirect names the host the request claimed (`Host: evil.example`):
+        # `/healthz/` is a 404, like any path that is not a route.
+        redirect_slashes=False,
         # FastAPI's own pages load Swagger UI and ReDoc from a CDN; ours serve them offline.
         docs_url=None,
         redoc_url=None,
@@ -207,7 +213,10 @@ def create_app(
     framework_stack = app.build_middleware_stack
     # Starlette builds its stack on the first request; ours wraps it (see gateway/routing.py).
     app.build_middleware_stack = lambda: outer_stack(  # type: ignore[method-assign]
-        framework_stack(), gw.endpoint_routes, request_observer(gw.metrics)
+        framework_stack(),
+        gw.endpoint_routes,
+        request_observer(gw.metrics),
+        max_header_bytes=loaded.config.server.max_header_bytes,
     )
     app.add_api_route("/metrics", metrics_endpoint(gw.metrics), include_in_schema=False)
     token = admin.token_from_env()
@@ -292,6 +301,35 @@ def _on_sighup(gw: Gateway) -> Callable[[], None]:
 
     def stop() -> None:
         loop.remove_signal_handler(signal.SIGHUP)
+
+    return stop
+
+
+def _on_sigterm(gw: Gateway) -> Callable[[], None]:
+    """Mark `gw` draining the moment SIGTERM arrives, then hand the signal to the handler that
+    was there before (uvicorn's, which starts its graceful shutdown); return the function that
+    puts that handler back."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return lambda: None  # no server's handler to hand it to: the signal's default stays
+    loop = asyncio.get_running_loop()
+
+    def term(sig: int, frame: FrameType | None) -> None:
+        if not gw.draining:
+            gw.draining = True
+            # Not logged here: a signal handler may interrupt the logger holding its own lock.
+            drain_s = gw.loaded.config.server.drain_s
+            loop.call_soon_threadsafe(lambda: _log.info("draining", drain_s=drain_s))
+        previous(sig, frame)
+
+    try:
+        signal.signal(signal.SIGTERM, term)
+    except ValueError:
+        return lambda: None  # not the main thread: the server's handler stays alone
+
+    def stop() -> None:
+        if signal.getsignal(signal.SIGTERM) is term:
+            signal.signal(signal.SIGTERM, previous)
 
     return stop
 
