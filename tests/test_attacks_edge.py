@@ -30,12 +30,16 @@ MB = 1024 * 1024
 
 @asynccontextmanager
 async def edge_gateway(
-    tmp_path: Path, sims: Simulators, catalog_dsn: str, server: str
+    tmp_path: Path,
+    sims: Simulators,
+    catalog_dsn: str,
+    server: str,
+    edit: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, Path]]:
-    """Run `gateway serve` with the shipped config (generous timeouts, in-memory cache) and the
-    `server:` block `server`; yield the process, its port and its log file."""
+    """Run `gateway serve` with the shipped config (generous timeouts, in-memory cache, `edit`
+    applied) and the `server:` block `server`; yield the process, its port and its log file."""
     path = tmp_path / "gateway.yaml"
-    path.write_text(config_text("edge:") + f"server: {server}\n")
+    path.write_text(config_text("edge:", edit) + f"server: {server}\n")
     port = free_port()
     env = server_env(sims, catalog_dsn, "memory://", admin_token=TOKEN)
     logs = tmp_path / "gateway.log"
@@ -263,7 +267,10 @@ async def test_sigterm_drains_requests_in_flight_then_exits_within_the_drain_bou
 ) -> None:
     sims.behaviour("pricing").update({"delay_ms": 1000})
     async with (
-        edge_gateway(tmp_path, sims, catalog_dsn, "{drain_s: 3}") as (proc, port, logs),
+        # pricing answers after 1 s; its timeout leaves a busy box room to spare
+        edge_gateway(
+            tmp_path, sims, catalog_dsn, "{drain_s: 3}", {"timeout_ms: 1500": "timeout_ms: 4000"}
+        ) as (proc, port, logs),
         aiohttp.ClientSession() as http,
     ):
         # A client whose head never ends holds its connection: the drain must not wait for it.
