@@ -34,6 +34,7 @@ BEARER_SECRET = "lit-b3arer-cred-77f0"
 QUERY_SECRET = "lit-qu3ry-key-c2d9"
 DSN_SECRET = "lit-dsn-passw0rd-e5a1"
 REDIS_SECRET = "lit-redis-passw0rd-90fe"
+URL_SECRET = "lit-url-passw0rd-1d7b"
 LITERALS = (HEADER_SECRET, BEARER_SECRET, QUERY_SECRET, DSN_SECRET, REDIS_SECRET)
 
 LITERAL_YAML = """\
@@ -92,12 +93,13 @@ def assert_no_literal(text: str) -> None:
 
 
 def test_redacted_config_hides_literal_headers_query_values_and_every_dsn_password() -> None:
-    text = literal_yaml("mysql://root@127.0.0.1:3306/c", "http://127.0.0.1:9").replace(
-        'url: "memory://"', f'url: "redis://:{REDIS_SECRET}@127.0.0.1:6379/0"'
-    )
+    text = literal_yaml("mysql://root@127.0.0.1:3306/c", f"http://svc:{URL_SECRET}@127.0.0.1:9")
+    text = text.replace('url: "memory://"', f'url: "redis://:{REDIS_SECRET}@127.0.0.1:6379/0"')
     loaded = config.loads(text, "gateway.yaml", {})
     shown = loaded.redacted()
     assert_no_literal(orjson.dumps(shown).decode())
+    assert URL_SECRET not in orjson.dumps(shown).decode()
+    assert shown["sources"]["up"]["base_url"] == "http://svc:***@127.0.0.1:9"
     up = shown["sources"]["up"]
     assert up["headers"] == {"X-Api-Key": "***", "Authorization": "Bearer ***"}
     query = shown["endpoints"][0]["calls"]["recs"]["query"]
