@@ -133,10 +133,11 @@ async def test_endless_header_lines_get_431_and_a_close_while_read_and_cost_no_m
         f"sent {[sent for _, sent in results]} bytes in {took:.2f} s, "
         f"worst loop lag {lag_before} -> {lag_after} ms"
     )
-    for got, sent in results:
+    for got, _sent in results:
         assert got.startswith(b"HTTP/1.1 431 "), got[:200]
         assert b"connection: close" in got.lower()
-        assert sent < 8 * MB  # refused while being read: the 20 MB never all went in
+        # What `sent` counts includes the kernels' buffers (up to 32 MB of receive buffer on
+        # this box), so it says little; the gateway's peak memory below is the guarantee.
     assert peak - before < 8 * 1024, f"RSS peaked {peak - before} kB above its start"
     assert lag_after < 1000
 
