@@ -488,16 +488,37 @@ def table(s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    parser.add_argument(
+        "--rate", type=float, default=None, help="requests per second (200; --hostile: 100)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="fault schedule and ids")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file to prepend to")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--timeline-s", type=float, default=5.0, help="timeline slice, seconds")
+    parser.add_argument(
+        "--hostile",
+        action="store_true",
+        help="hostile upstreams instead: cookies, deep JSON, gzip bombs, 400s (reliability/README)",
+    )
+    parser.add_argument(
+        "--bomb-mb", type=int, default=900, help="--hostile: what a gzip bomb inflates to, MB"
+    )
     args = parser.parse_args(argv)
-    if args.seconds < 8 or args.seconds > 600 or not 1 <= args.rate <= 2000:
-        parser.error("--seconds must be within 8..600 and --rate within 1..2000")
+    if args.rate is None:
+        args.rate = 100.0 if args.hostile else 200.0
+    shortest = 3 if args.hostile else 8
+    if args.seconds < shortest or args.seconds > 600 or not 1 <= args.rate <= 2000:
+        parser.error(f"--seconds must be within {shortest}..600 and --rate within 1..2000")
+    if not 2 <= args.bomb_mb <= 4096:
+        parser.error("--bomb-mb must be within 2..4096")
     if args.seed is None:
         args.seed = random.randrange(1_000_000)
+    if args.hostile:
+        from reliability import hostile  # it imports from this module: only when asked
+
+        return run_and_report(
+            "chaos-hostile", hostile.run_hostile, args, hostile.table, hostile.notes
+        )
     return run_and_report("chaos", run, args, table, _notes)
 
 

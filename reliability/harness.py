@@ -269,12 +269,14 @@ class SimulatorProcess:
 
 @dataclass
 class GatewayProcess:
-    """`gateway serve` on the shipped gateway.yaml, its addresses from the environment."""
+    """`gateway serve` on the shipped gateway.yaml (or `config`), its addresses from the
+    environment."""
 
     workdir: Path
     port: int
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+    config: Path = ROOT / "gateway.yaml"
 
     @property
     def base(self) -> str:
@@ -300,7 +302,7 @@ class GatewayProcess:
                     "gateway",
                     "serve",
                     "--config",
-                    str(ROOT / "gateway.yaml"),
+                    str(self.config),
                     "--port",
                     str(self.port),
                 ],

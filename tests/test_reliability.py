@@ -1,6 +1,7 @@
-"""The reliability runs in their CI form: chaos for 12 s at 100 requests a second, and a soak of
-5,000 requests, each as the subprocess a person would run (reliability/README.md). Each starts
-its own MariaDB, Redis, simulators and `gateway serve`; together they take about a minute."""
+"""The reliability runs in their CI form: chaos for 12 s at 100 requests a second, chaos with
+hostile upstreams for 5 s, and a soak of 5,000 requests, each as the subprocess a person would run
+(reliability/README.md). Each starts its own servers and `gateway serve`; together they take
+about a minute."""
 
 from __future__ import annotations
 
@@ -50,6 +51,24 @@ def test_chaos_short_form_keeps_deadline_contract_and_resources(tmp_path: Path) 
     assert s["rss_kb"]["growth_pct"] < 10
     text = results.read_text()
     assert "## chaos" in text and "| faults injected |" in text and "| result | PASS |" in text
+
+
+@pytest.mark.timeout(100)
+def test_chaos_hostile_upstreams_short_form_leaks_nothing(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    args = ("--hostile", "--seconds", "5", "--rate", "100", "--bomb-mb", "200", "--seed", "7")
+    s = run_script("chaos.py", results, *args, timeout_s=90)
+    assert s["requests"] == 500
+    assert set(s["statuses"]) <= {"200", "404", "502", "503", "504"}
+    assert all(k.endswith(" product") for k in s["five_xx_calls"])
+    for answers in s["upstream_answers"].values():
+        assert set(answers) == {"ok", "cookie", "deep", "bomb", "refuse"}
+    assert s["upstream_answers"]["pricing"]["refuse"] >= 100  # the 400 storm
+    assert all(n == 0 for n in s["cookies_sent_upstream"].values())
+    assert s["breaker_opens"] == {} and s["breakers_after"] == {"pricing": "closed"}
+    assert s["rss_kb"]["peak_growth"] < 64 * 1024
+    text = results.read_text()
+    assert "## chaos, hostile upstreams" in text and "| result | PASS |" in text
 
 
 @pytest.mark.timeout(100)
