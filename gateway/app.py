@@ -51,6 +51,8 @@ class Gateway:
         self.lag = LoopLag(on_lag=self.metrics.loop_lag, warn_every_s=10.0, stall_ms=100.0)
         # Set once SIGTERM arrives: /readyz answers 503 from then on while requests drain.
         self.draining = False
+        # uvicorn read `server:` when the process started: a reload cannot change it.
+        self.server = loaded.config.server
 
     def current(self) -> runtime.Runtime:
         """Return the runtime requests start on now."""
@@ -107,6 +109,12 @@ class Gateway:
             if self.app is not None:
                 self.install_routes(self.app)
             _log.info("config_reloaded", file=loaded.file, endpoints=len(self.plans))
+            if loaded.config.server != self.server:
+                _log.warning(
+                    "server_settings_need_restart",
+                    running=self.server.model_dump(),
+                    file=loaded.config.server.model_dump(),
+                )
             # Requests in flight finish on the old runtime: close what it alone owns only after
             # the longest deadline it could still be serving.
             grace = max((p.deadline for p in old.plans.values()), default=1.0) + 1.0
@@ -318,7 +326,7 @@ def _on_sigterm(gw: Gateway) -> Callable[[], None]:
         if not gw.draining:
             gw.draining = True
             # Not logged here: a signal handler may interrupt the logger holding its own lock.
-            drain_s = gw.loaded.config.server.drain_s
+            drain_s = gw.server.drain_s
             loop.call_soon_threadsafe(lambda: _log.info("draining", drain_s=drain_s))
         previous(sig, frame)
 

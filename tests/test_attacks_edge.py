@@ -355,3 +355,26 @@ async def test_no_redirect_names_a_host_taken_from_the_request(
     leaks = [s for s in seen if "evil" in s[2] or s[2].startswith(("http:", "https:", "//"))]
     assert leaks == [], leaks
     assert ("/healthz/", 404, "") in seen  # no slash redirect: the path is not a route
+
+
+async def test_a_reload_that_changes_server_says_it_needs_a_restart(
+    sims: Simulators,
+    catalog_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    set_server_env(monkeypatch, sims, catalog_dsn, "memory://", TOKEN)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text("edge:") + "server: {drain_s: 3}\n")
+    app = create_app(str(path))
+    gw = app.state.gateway
+    async with app.router.lifespan_context(app):
+        await gw.reload()  # the same server: nothing to say
+        path.write_text(config_text("edge:") + "server: {drain_s: 4}\n")
+        await gw.reload()
+        assert gw.server.drain_s == 3  # what uvicorn runs with until a restart
+    _, err = capfd.readouterr()
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    (warned,) = [e for e in lines if e.get("event") == "server_settings_need_restart"]
+    assert warned["running"]["drain_s"] == 3 and warned["file"]["drain_s"] == 4
