@@ -4,12 +4,14 @@ error translated into `CacheUnavailable`."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from hashlib import blake2b
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import orjson
+import structlog
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -23,6 +25,8 @@ except ImportError:  # redis-py < 7 reads its version once at import; nothing to
 from cache.entry import stored_limit
 from cache.near import OnPurge
 from cache.store import CacheUnavailable
+
+log = structlog.get_logger("cache.redis")
 
 MAX_CONNECTIONS = 32
 """Connections per process (per node for a cluster); past it, callers wait up to the op timeout."""
@@ -68,6 +72,9 @@ return 0
 
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
+LEAK_LOG_EVERY_S = 10.0
+"""At most one traceback per this many seconds for failures the client leaks (see `_run`)."""
+
 T = TypeVar("T")
 
 
@@ -101,6 +108,7 @@ class RedisStore:
         )
         self._discovery: asyncio.Task[None] | None = None
         self._abandoned: set[asyncio.Task[Any]] = set()
+        self._leak_logged_at = float("-inf")
 
     async def get(self, key: str) -> bytes | None:
         """Return the bytes stored under `key` (at most `max_value_bytes` + 1 of them: more says
@@ -201,7 +209,11 @@ class RedisStore:
                 pass  # A dead server's sockets are gone already.
 
     async def ping(self) -> None:
-        """Return when Redis answers PING within the op timeout; raise `CacheUnavailable` if not."""
+        """Return when Redis answers PING within the op timeout, once a cluster's nodes are known
+        (finding them may take up to `DISCOVERY_TIMEOUT_S`, not one op timeout, so a probe right
+        after start does not fail for it); raise `CacheUnavailable` if not."""
+        if self._in_flight is not None:
+            await self._run("discovery", self._discover, DISCOVERY_TIMEOUT_S)
         await self._run("ping", self._client.ping)
 
     def pool_stats(self) -> dict[str, int]:
@@ -225,8 +237,10 @@ class RedisStore:
             await asyncio.wait(pending, timeout=ADMIN_TIMEOUT_S)
         try:
             await self._client.aclose()
-        except _FAILURES:
-            pass  # A dead server's sockets are gone already; there is nothing left to close.
+        except Exception:
+            # A dead server's sockets are gone already (and a cluster client closing on a dead
+            # node may leak anything, see `_run`): there is nothing left to close.
+            pass
 
     async def _run(
         self, name: str, work: Callable[[], Awaitable[T]], timeout_s: float | None = None
@@ -244,9 +258,19 @@ class RedisStore:
             # for the server's reply (a stalled server: the whole stall), and the caller must not.
             self._abandon(task)
             raise CacheUnavailable(f"redis {name}: timed out")
+        if task.cancelled():  # Not by us: by the client's own clean-up, inside the operation.
+            raise CacheUnavailable(f"redis {name}: cancelled inside the client")
         try:
             return task.result()
         except _FAILURES as exc:
+            raise CacheUnavailable(f"redis {name}: {exc!r}") from exc
+        except Exception as exc:
+            # Elsewhere an unexpected exception is a bug that must fail loudly; here it is the
+            # client's. redis-py's cluster client leaks the races of its re-discovery after a
+            # node's failure (a connection closed under a command being sent: AttributeError on
+            # its None writer, RuntimeError on a closed transport), and a cache failure must
+            # only ever cost a miss. Logged with its traceback, so a real bug is still seen.
+            self._leaked(name, exc)
             raise CacheUnavailable(f"redis {name}: {exc!r}") from exc
 
     async def _admitted(self, work: Callable[[], Awaitable[T]]) -> T:
@@ -255,6 +279,12 @@ class RedisStore:
         await self._discover()
         async with self._in_flight:
             return await work()
+
+    def _leaked(self, name: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._leak_logged_at >= LEAK_LOG_EVERY_S:
+            self._leak_logged_at = now
+            log.warning("redis_client_raised", op=name, exc_info=exc)
 
     def _abandon(self, task: asyncio.Task[Any]) -> None:
         task.cancel()

@@ -80,3 +80,85 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=10)
+
+
+class Cluster:
+    """A throwaway Redis Cluster of masters (no replicas) on free loopback ports, whose nodes a
+    test kills by PID and restarts with their own cluster config (so they rejoin)."""
+
+    def __init__(self, workdir: Path, nodes: int = 3, node_timeout_ms: int = 1000) -> None:
+        self.workdir = workdir
+        self.node_timeout_ms = node_timeout_ms
+        self.ports: list[int] = []
+        while len(self.ports) < nodes:
+            port = free_port()
+            if port not in self.ports:
+                self.ports.append(port)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """The `redis+cluster://` URL of its first node."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> None:
+        """Start every node, join them into one cluster and return once it is `ok`."""
+        for port in self.ports:
+            self.restart(port)
+        made = subprocess.run(
+            [
+                binary("redis-cli"),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+        if made.returncode != 0:
+            pytest.fail(f"redis-cli --cluster create failed: {made.stdout!r} {made.stderr!r}")
+        self.wait_ok(15)
+
+    def restart(self, port: int) -> None:
+        """Start the node of `port` (again), with the cluster config it wrote when it ran."""
+        self.procs[port] = start(
+            port,
+            self.workdir,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{port}.conf",
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+        )
+
+    def kill(self, port: int) -> None:
+        """Kill the node of `port` by its PID (SIGKILL: no goodbye to its peers or clients)."""
+        stop(self.procs.pop(port))
+
+    def state(self, port: int) -> str:
+        """Return `cluster_state` as the node of `port` sees it ("ok", "fail"), or "down"."""
+        client = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=1)
+        try:
+            return str(client.cluster("INFO").get("cluster_state"))
+        except redis.RedisError:
+            return "down"
+        finally:
+            client.close()
+
+    def wait_ok(self, within_s: float) -> None:
+        """Return once every running node says the cluster is `ok`; fail after `within_s`."""
+        deadline = time.monotonic() + within_s
+        while any(self.state(p) != "ok" for p in self.procs):
+            if time.monotonic() > deadline:
+                states = {p: self.state(p) for p in self.procs}
+                pytest.fail(f"the throwaway cluster was not ok within {within_s} s: {states}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Kill every node that still runs."""
+        for port in list(self.procs):
+            self.kill(port)

@@ -7,7 +7,7 @@ import asyncio
 import random
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis
@@ -292,6 +292,68 @@ async def test_killed_and_restarted_redis_keeps_answering_and_caching_resumes(
     assert max(latencies["down"]) < 0.25, latencies["down"]
     await cache.ping()
     await cache.close()
+
+
+class Leaky:
+    """A client that fails as redis-py's cluster client was seen to while re-discovering its
+    nodes after one died: with whatever its internals raise, not a `RedisError`."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def getrange(self, *args: object) -> bytes:
+        raise self.exc
+
+    async def eval(self, *args: object) -> object:
+        raise self.exc
+
+    async def smembers(self, *args: object) -> object:
+        raise self.exc
+
+    async def ping(self) -> bool:
+        raise self.exc
+
+    def pipeline(self, transaction: bool) -> object:
+        raise self.exc
+
+    async def aclose(self) -> None:
+        if isinstance(self.exc, Exception):
+            raise self.exc
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("unable to perform operation on <TCPTransport closed=True>"),
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+        asyncio.CancelledError(),
+    ],
+    ids=["closed-transport", "none-writer", "inner-cancel"],
+)
+async def test_whatever_the_client_raises_is_a_cache_failure_never_an_error(
+    exc: BaseException,
+) -> None:
+    store = RedisStore(Leaky(exc), "gw:", 0.5)  # type: ignore[arg-type]
+    operations: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.get("k"),
+        lambda: store.put("k", b"v", 5, ["t"]),
+        lambda: store.acquire("k", "t", 5),
+        lambda: store.release("k", "t"),
+        lambda: store.purge(["k"], ["t"]),
+        store.ping,
+    ]
+    with capture_logs() as logs:
+        for operation in operations:
+            with pytest.raises(CacheUnavailable):
+                await operation()
+        cache = CompositeCache(store)
+        compute = Counter()
+        for _ in range(3):
+            lookup = await cache.fetch("k", ["t"], POLICY, compute, deadline=soon())
+            assert (lookup.state, lookup.entry.status) == ("MISS", 200)
+        await cache.close()  # closing such a client does not raise either
+    leaks = [e for e in logs if e["event"] == "redis_client_raised"]
+    assert len(leaks) == (0 if isinstance(exc, asyncio.CancelledError) else 1)  # rate-limited
 
 
 # --- Redis Cluster ----------------------------------------------------------------------------
