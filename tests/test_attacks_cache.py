@@ -117,6 +117,7 @@ async def test_a_not_found_answer_is_kept_not_found_ttl_s_and_every_key_written_
     ttls = keys_and_ttls(redis_url, redis_prefix)
     assert ttls, "the cache wrote nothing under its prefix"
     assert all(ttl > 0 for ttl in ttls.values()), ttls  # entries, tag sets and locks alike
+    assert any(k.endswith(b":t") for k in ttls), ttls  # the tag sets were among them
     client = redis.Redis.from_url(redis_url)
     try:
         stored = {k: client.get(k) for k in ttls if k.endswith(b":e")}

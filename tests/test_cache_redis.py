@@ -131,6 +131,26 @@ async def test_follower_computes_itself_when_the_leader_stores_nothing(
     assert time.monotonic() - started < 1.0  # the lock's release let it lead, no deadline wait
 
 
+async def test_a_follower_in_another_process_computes_itself_when_the_leader_hits_a_bug(
+    shared: list[CompositeCache],
+) -> None:
+    one, two = shared
+
+    async def exploding() -> Entry:
+        await asyncio.sleep(0.1)
+        raise RuntimeError("a bug in the leader's own request")
+
+    leader = asyncio.create_task(one.fetch("k", [], POLICY, exploding, deadline=soon()))
+    await asyncio.sleep(0.03)
+    ok = Counter()
+    started = time.monotonic()
+    follower = await two.fetch("k", [], POLICY, ok, deadline=soon())
+    with pytest.raises(RuntimeError):
+        await leader
+    assert (follower.entry.status, ok.calls) == (200, 1)
+    assert time.monotonic() - started < 1.0  # the lock's release let it lead, no deadline wait
+
+
 async def test_stale_while_revalidate_refreshes_once_across_instances(
     redis_url: str, redis_prefix: str
 ) -> None:
