@@ -72,7 +72,7 @@ def encode(entry: Entry, compress_min_bytes: int = COMPRESS_MIN_BYTES) -> bytes:
 
 def decode(data: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> Entry:
     """Return the entry stored in `data` without parsing its JSON; raise `CorruptEntry` if bad,
-    or if its body is (or inflates to) more than `max_body_bytes`, which is all it inflates."""
+    or as soon as its body is (or inflates to) more than `max_body_bytes`."""
     try:
         magic, version, flags, status, written_at, etag_len = _HEADER.unpack_from(data)
     except struct.error:

@@ -35,7 +35,8 @@ DISCOVERY_TIMEOUT_S = 5.0
 """Finding a cluster's nodes (CLUSTER SLOTS, COMMAND) may take this long, in the background."""
 
 ADMIN_TIMEOUT_S = 2.0
-"""Purges are rare and may touch many keys; they get this much time instead of the op timeout."""
+"""Purges (rare, and may touch many keys) and pings (probes, not requests) get this much time
+instead of the op timeout."""
 
 HEALTH_CHECK_S = 5.0
 """A quiet purge subscription is pinged this often, so a dead connection is noticed."""
@@ -209,12 +210,15 @@ class RedisStore:
                 pass  # A dead server's sockets are gone already.
 
     async def ping(self) -> None:
-        """Return when Redis answers PING within the op timeout, once a cluster's nodes are known
-        (finding them may take up to `DISCOVERY_TIMEOUT_S`, not one op timeout, so a probe right
-        after start does not fail for it); raise `CacheUnavailable` if not."""
+        """Return when Redis answers PING within `ADMIN_TIMEOUT_S`, once a cluster's nodes are
+        known (within `DISCOVERY_TIMEOUT_S`); raise `CacheUnavailable` if not.
+
+        A probe is not on the request path: right after start it pays for discovery and first
+        connections, which a busy host may not fit in one op timeout, and it must not fail for it.
+        """
         if self._in_flight is not None:
             await self._run("discovery", self._discover, DISCOVERY_TIMEOUT_S)
-        await self._run("ping", self._client.ping)
+        await self._run("ping", self._client.ping, ADMIN_TIMEOUT_S)
 
     def pool_stats(self) -> dict[str, int]:
         """Return connections lent out and idle (standalone; a Cluster reports operations in

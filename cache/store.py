@@ -18,7 +18,8 @@ class Store(Protocol):
     """
 
     async def get(self, key: str) -> bytes | None:
-        """Return the bytes stored under `key`, or None when there are none."""
+        """Return the bytes stored under `key`, or None when there are none; a value longer than
+        any entry the store's owner writes may come back cut, but still longer than that."""
         ...
 
     async def put(

@@ -340,7 +340,7 @@ async def test_the_first_ping_waits_for_cluster_discovery_not_one_op_timeout(
     cluster: Cluster,
 ) -> None:
     admin = redis.asyncio.Redis(port=cluster.ports[0])
-    store = redis_store(cluster.url, "ping:", op_timeout_s=0.1)
+    store = redis_store(cluster.url, "ping:", op_timeout_s=0.02)  # the default op timeout
     try:
         # The node the store discovers the cluster from answers nothing for 0.5 s.
         await admin.execute_command("CLIENT", "PAUSE", "500", "ALL")
