@@ -351,3 +351,26 @@ async def test_the_first_ping_waits_for_cluster_discovery_not_one_op_timeout(
     finally:
         await store.close()
         await admin.aclose()
+
+
+async def test_the_first_readyz_after_start_finds_a_slow_to_discover_cluster_cache_ok(
+    cluster: Cluster, sims: Simulators, catalog_dsn: str, http: aiohttp.ClientSession
+) -> None:
+    env = product_view_env(sims, catalog_dsn, cluster.url)
+    config = product_view_config(env, "ready:", dict(GENEROUS))  # the default 20 ms op timeout
+    admin = redis.asyncio.Redis(port=cluster.ports[0])
+    try:
+        async with gateway(config) as (url, _):
+            # Discovery (from this node) takes 0.3 s: fifteen op timeouts.
+            await admin.execute_command("CLIENT", "PAUSE", "300", "ALL")
+            states = []
+            for _ in range(50):
+                async with http.get(f"{url}/readyz", timeout=LIMIT) as resp:
+                    assert resp.status == 200
+                    states.append((await resp.json())["cache"]["state"])
+                if states[-1] != "unknown":
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await admin.aclose()
+    assert states[-1] == "up", states
