@@ -19,6 +19,7 @@ from gateway.errors import (
     SourceError,
     SourceTimeout,
     SourceUnavailable,
+    Unsendable,
 )
 from gateway.types import Call
 from upstreams.policies import Breaker, Budget, Hedge, Limit, Retry, timeout
@@ -262,6 +263,8 @@ async def test_retry_stops_after_attempts_and_raises_the_last_error_itself() -> 
         (("error",), SourceUnavailable("reset"), 2),
         (("timeout", "connect", "error", 500, 502, 503, 504, 429), CircuitOpen("open"), 1),
         (("timeout", "connect", "error", 500, 502, 503, 504, 429), Overloaded("full"), 1),
+        # The same value would be refused by the driver again.
+        (("timeout", "connect", "error"), Unsendable("cannot encode"), 1),
     ],
 )
 async def test_retry_retries_only_the_listed_outcomes(on, error, calls) -> None:

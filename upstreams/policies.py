@@ -29,7 +29,7 @@ from tenacity import (
 )
 
 from gateway.config import RetryConfig
-from gateway.errors import Overloaded, SourceError, SourceTimeout, SourceUnavailable
+from gateway.errors import Overloaded, SourceError, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.types import JSON, Call, Source
 from upstreams.breaker import Breaker, Clock, Window
 
@@ -125,7 +125,7 @@ def retryable(on: tuple[str | int, ...]) -> Callable[[BaseException], bool]:
     def check(exc: BaseException) -> bool:
         if not isinstance(exc, SourceError):
             return False
-        if isinstance(exc, SourceUnavailable) and exc.refused:
+        if (isinstance(exc, SourceUnavailable) and exc.refused) or isinstance(exc, Unsendable):
             return False  # the same call would be refused again, whatever `on` lists
         if isinstance(exc, SourceTimeout):
             return "timeout" in on
