@@ -15,16 +15,20 @@ import argparse
 import asyncio
 import dataclasses
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from gateway import config
-from gateway.app import create_app
-from gateway.plan import guard
-from gateway.types import Call, Upstream
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway import config  # noqa: E402
+from gateway.app import create_app  # noqa: E402
+from gateway.plan import guard  # noqa: E402
+from gateway.types import Call, Upstream  # noqa: E402
+from tests.support import scope  # noqa: E402
+
 PRODUCT = {"id": 1, "sku": "SKU-1", "name": "Lamp", "brand": "Acme", "category": "lighting"}
 BODIES: dict[str, Any] = {
     "catalog": PRODUCT,
@@ -45,24 +49,6 @@ def instant(name: str) -> Upstream:
         return None
 
     return Upstream(call=call, close=nothing, ping=nothing, pool_stats=lambda: {})
-
-
-def scope(path: str) -> dict[str, Any]:
-    """Return the ASGI scope of a plain `GET path` (shared with tests/test_edge.py)."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"bench")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
 
 
 async def measure(requests: int, concurrency: int, cached: bool) -> float:

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import prepend_run, tree_version  # noqa: E402
 from gateway.catalog import seed_mysql  # noqa: E402
-from reliability.harness import free_ports  # noqa: E402
+from tests.support import free_port  # noqa: E402
 
 SERVICES = ("pricing", "inventory", "reviews", "recs")
 LATENCY = {"pricing": 20, "inventory": 30, "reviews": 50, "recs": 40}
@@ -119,13 +118,6 @@ def _tree(pid: int) -> Iterator[int]:
             continue
         for child in children:
             yield from _tree(int(child))
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -452,7 +444,7 @@ def main() -> None:
 
     logs = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / f"gwbench-{uuid.uuid4().hex[:8]}"
     logs.mkdir(parents=True)
-    base = free_ports(4)
+    base = free_port(4)
     sim_urls = {name: f"http://127.0.0.1:{base + i}" for i, name in enumerate(SERVICES)}
     ports = {"baseline": free_port(), "gateway": free_port()}
     prefix = f"gwbench:{uuid.uuid4().hex[:8]}:"

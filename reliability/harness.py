@@ -6,13 +6,9 @@ pointed at them. Every process here is started by us and killed by its own handl
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import prepend_run
+from tests.support import MariaDB, binary, crash, free_port, stop, wait_port
+from tests.support import ThrowawayError as HarnessError
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("pricing", "inventory", "reviews", "recs")
@@ -33,31 +31,7 @@ ADMIN_TOKEN = "reliability-admin-token"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-class HarnessError(RuntimeError):
-    """A throwaway server did not start, or a process we started died."""
-
-
-# --- ports and /proc -----------------------------------------------------------------------
-
-
-def free_ports(count: int) -> int:
-    """Return the first of `count` consecutive free loopback ports, below the ephemeral range
-    (a port we restart a server on must not be taken by some client socket meanwhile)."""
-    for _ in range(500):
-        base = random.randint(12000, 30000 - count)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise HarnessError(f"no {count} consecutive free ports found")
+# --- /proc -----------------------------------------------------------------------
 
 
 def rss_kb(pid: int) -> int:
@@ -68,130 +42,7 @@ def rss_kb(pid: int) -> int:
     raise HarnessError(f"no VmRSS for pid {pid}")
 
 
-_NICE = ("nice", "-n", "10") if shutil.which("nice") else ()
-"""The throwaway infrastructure yields the CPU to the gateway under test (see MariaDB.start)."""
-
-
-def _binary(*names: str) -> str:
-    for name in names:
-        for path in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
-            if path and os.access(path, os.X_OK):
-                return path
-    raise HarnessError(
-        f"{names[0]} is not installed: apt-get update && apt-get install -y "
-        "mariadb-server redis-server"
-    )
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, within_s: float) -> None:
-    ends = time.monotonic() + within_s
-    while time.monotonic() < ends:
-        if proc.poll() is not None:
-            raise HarnessError(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise HarnessError(f"{what} did not listen on 127.0.0.1:{port} within {within_s} s")
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 5.0) -> None:
-    """SIGTERM one process we started, SIGKILL after `grace_s`, and reap it."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def _crash(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGKILL one process we started, as a crash would, and reap it."""
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-
-
 # --- servers ---------------------------------------------------------------------------------
-
-
-@dataclass
-class MariaDB:
-    """A private mariadbd: its own data directory and port; killed and restarted by us."""
-
-    workdir: Path
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    def dsn(self, database: str) -> str:
-        return f"mysql://root@127.0.0.1:{self.port}/{database}"
-
-    def install(self) -> None:
-        """Create the data directory (about 5 s) and start the server; root may log in over TCP."""
-        subprocess.run(
-            [
-                _binary("mariadb-install-db", "mysql_install_db"),
-                "--no-defaults",
-                f"--datadir={self.workdir}/data",
-                f"--user={getpass.getuser()}",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=True,
-            timeout=120,
-        )
-        self.start()
-        import pymysql
-
-        conn = pymysql.connect(
-            unix_socket=f"{self.workdir}/mysqld.sock", user="root", autocommit=True
-        )
-        try:
-            with conn.cursor() as cur:
-                cur.execute("CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'")
-                cur.execute("GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION")
-        finally:
-            conn.close()
-
-    def start(self, within_s: float = 30.0) -> None:
-        """Start mariadbd on the same port and data directory; return once it listens.
-
-        Niced, with its commits flushed once a second: in production the database runs on its
-        own host, and here its crash recovery and fsyncs must not take the CPU and the disk from
-        the gateway under test on the same two cores (the gateway still sees it die and return).
-        """
-        with (self.workdir / "mariadbd.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    *_NICE,
-                    _binary("mariadbd", "mysqld"),
-                    "--no-defaults",
-                    f"--datadir={self.workdir}/data",
-                    f"--socket={self.workdir}/mysqld.sock",
-                    f"--pid-file={self.workdir}/mysqld.pid",
-                    f"--port={self.port}",
-                    "--bind-address=127.0.0.1",
-                    "--skip-name-resolve",
-                    "--innodb-buffer-pool-size=32M",
-                    "--innodb-flush-log-at-trx-commit=2",
-                    f"--user={getpass.getuser()}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        _wait_port(self.port, self.proc, "mariadbd", within_s)
-
-    def crash(self) -> None:
-        """kill -9 the server."""
-        _crash(self.proc)
-
-    def stop(self) -> None:
-        _stop(self.proc, 15)
 
 
 @dataclass
@@ -210,7 +61,7 @@ class RedisServer:
         """Start redis-server on the same port; return once it listens."""
         self.proc = subprocess.Popen(
             [
-                _binary("redis-server"),
+                binary("redis-server"),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -225,14 +76,14 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_port(self.port, self.proc, "redis-server", within_s)
+        wait_port(self.port, self.proc, "redis-server", within_s)
 
     def crash(self) -> None:
         """kill -9 the server (its data is gone: it restarts empty)."""
-        _crash(self.proc)
+        crash(self.proc)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop(self.proc)
 
 
 @dataclass
@@ -257,14 +108,14 @@ class SimulatorProcess:
                 stderr=subprocess.STDOUT,
             )
         for i in range(len(SERVICES)):
-            _wait_port(self.port_base + i, self.proc, "the simulator", within_s)
+            wait_port(self.port_base + i, self.proc, "the simulator", within_s)
 
     def crash(self) -> None:
         """kill -9 the services: their open connections are reset, new ones refused."""
-        _crash(self.proc)
+        crash(self.proc)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop(self.proc)
 
 
 @dataclass
@@ -337,7 +188,7 @@ class GatewayProcess:
             return json.loads(resp.read())
 
     def stop(self) -> None:
-        _stop(self.proc, 15)
+        stop(self.proc, 15)
 
 
 @dataclass
@@ -358,14 +209,14 @@ def stack(workdir: Path, extra_env: Mapping[str, str] | None = None) -> Iterator
     `seed`), yield the stack with the gateway not yet started, and stop everything afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as cleanup:
-        mariadb = MariaDB(workdir / "mariadb", free_ports(1))
+        mariadb = MariaDB(workdir / "mariadb", free_port())
         mariadb.workdir.mkdir(exist_ok=True)
         cleanup.callback(mariadb.stop)
         mariadb.install()
-        redis = RedisServer(workdir, free_ports(1))
+        redis = RedisServer(workdir, free_port())
         cleanup.callback(redis.stop)
         redis.start()
-        sims = SimulatorProcess(workdir, free_ports(len(SERVICES)))
+        sims = SimulatorProcess(workdir, free_port(len(SERVICES)))
         cleanup.callback(sims.stop)
         sims.start()
         dsn = mariadb.dsn("catalog")
@@ -379,7 +230,7 @@ def stack(workdir: Path, extra_env: Mapping[str, str] | None = None) -> Iterator
             "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
             **(extra_env or {}),
         }
-        gateway = GatewayProcess(workdir, free_ports(1), env)
+        gateway = GatewayProcess(workdir, free_port(), env)
         cleanup.callback(gateway.stop)
         yield Stack(workdir, mariadb, redis, sims, gateway, dsn)
 

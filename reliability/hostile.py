@@ -34,13 +34,13 @@ from reliability.harness import (
     GatewayProcess,
     HarnessError,
     box_cpu,
-    free_ports,
     machine,
     process_cpu_s,
     rss_kb,
     summary_head,
 )
 from reliability.load import IdMix, counts, latency_figures, server_view
+from tests.support import free_port
 
 CATALOG_IDS = 10_000
 HOT_IDS = 50
@@ -208,7 +208,7 @@ async def run_hostile(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
         **{f"{n.upper()}_URL": s.url for n, s in services.items()},
         "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
     }
-    gateway = GatewayProcess(workdir, free_ports(1), env, config=config)
+    gateway = GatewayProcess(workdir, free_port(), env, config=config)
     loop = asyncio.get_running_loop()
     try:
         await asyncio.to_thread(gateway.start)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import redis
+
+from tests.support import free_port
 
 _INSTALL = "apt-get update && apt-get install -y redis-server redis-tools"
 
@@ -21,21 +21,6 @@ def binary(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; install it with: {_INSTALL}", pytrace=False)
     return path
-
-
-def free_port() -> int:
-    """Return a loopback port that is free, and whose cluster bus port (+10000) is free too."""
-    # Both below the kernel's ephemeral range (32768+), where a client socket could take them.
-    for _ in range(200):
-        port = random.randint(11000, 22000)
-        try:
-            for p in (port, port + 10000):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free loopback port pair found in 200 tries")
 
 
 def start(port: int, workdir: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -91,7 +76,7 @@ class Cluster:
         self.node_timeout_ms = node_timeout_ms
         self.ports: list[int] = []
         while len(self.ports) < nodes:
-            port = free_port()
+            port = free_port(plus=10000)  # and its cluster bus port
             if port not in self.ports:
                 self.ports.append(port)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}

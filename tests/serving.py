@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,15 +15,9 @@ from gateway.app import create_app
 from gateway.server import http_protocol
 from gateway.simulator import Simulators
 from tests.config_files import server_env
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def product_view_env(sims: Simulators, catalog_dsn: str, cache_url: str) -> dict[str, str]:

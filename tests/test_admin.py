@@ -17,7 +17,8 @@ from gateway.config import GatewayConfig
 from gateway.plan import build_plan
 from gateway.simulator import Simulators
 from tests.config_files import config_text, read, set_server_env, write_atomically
-from tests.serving import free_port, serving
+from tests.serving import serving
+from tests.support import free_port
 
 PRODUCTS = 500
 TOKEN = "admin-token-for-tests"

@@ -12,7 +12,8 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.simulator import Simulators
-from tests.serving import free_port, product_view_config, product_view_env, serving_config
+from tests.serving import product_view_config, product_view_env, serving_config
+from tests.support import free_port
 
 PRODUCTS = 500
 

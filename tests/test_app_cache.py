@@ -20,9 +20,9 @@ from multidict import CIMultiDict
 from gateway.config import LoadedConfig
 from gateway.simulator import SERVICES, Simulators
 from tests.config_files import GENEROUS, config_text, gateway_process, server_env
-from tests.redis_servers import free_port as free_redis_port
 from tests.redis_servers import stop
-from tests.serving import free_port, product_view_config, product_view_env, serving_config
+from tests.serving import product_view_config, product_view_env, serving_config
+from tests.support import free_port
 
 PRODUCTS = 500
 TOKEN = "admin-token-for-cache-tests"
@@ -286,7 +286,7 @@ async def test_redis_killed_and_restarted_under_load_every_request_answers(
     http: aiohttp.ClientSession,
     throwaway: Callable[[int], subprocess.Popen[bytes]],
 ) -> None:
-    port = free_redis_port()
+    port = free_port()
     server = throwaway(port)
     # The shipped 20 ms op timeout: this is the test of what it is for.
     config = loaded({**env, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}, redis_prefix, cache=())

@@ -22,7 +22,8 @@ from gateway import config
 from gateway.catalog import seed_mysql
 from gateway.simulator import start_simulators
 from tests.config_files import gateway_process, server_env
-from tests.serving import free_port, serving_config
+from tests.serving import serving_config
+from tests.support import free_port
 from tests.upstream_server import UpstreamServer, json_body, raw
 
 SHIPPED = (Path(__file__).resolve().parent.parent / "gateway.yaml").read_text()

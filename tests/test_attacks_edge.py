@@ -21,7 +21,8 @@ import pytest
 from gateway.app import create_app
 from gateway.simulator import Simulators
 from tests.config_files import config_text, gateway_process, read, server_env, set_server_env
-from tests.serving import free_port, product_view_config, product_view_env, serving
+from tests.serving import product_view_config, product_view_env, serving
+from tests.support import free_port
 
 TOKEN = "edge-attack-admin-token-5c0ffee5c0ffee"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

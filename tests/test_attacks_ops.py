@@ -22,7 +22,8 @@ from gateway import cli, config
 from gateway.app import create_app
 from gateway.readiness import Readiness
 from tests.config_files import wait_healthy, write_atomically
-from tests.serving import free_port, serving
+from tests.serving import serving
+from tests.support import free_port
 from tests.upstream_server import UpstreamServer, echo, json_body, unused_port
 
 ADMIN_TOKEN = "ops-attack-admin-token-3b9c"

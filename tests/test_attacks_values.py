@@ -21,7 +21,6 @@ import orjson
 import pytest
 from multidict import CIMultiDictProxy
 
-from bench.overhead import scope
 from gateway import config
 from gateway.catalog import seed_sqlite
 from gateway.config import HttpSourceConfig
@@ -29,6 +28,7 @@ from gateway.errors import Unsendable
 from gateway.log import _request_id
 from gateway.types import Call
 from tests.serving import serving_config
+from tests.support import scope
 from tests.upstream_server import UpstreamServer, json_body, raw
 from upstreams.http import http_source
 

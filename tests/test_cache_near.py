@@ -18,7 +18,8 @@ from cache.entry import Entry, decode, etag_of
 from cache.near import NearCache, OnPurge
 from cache.redis import RedisStore, redis_store
 from gateway.config import CacheConfig, NearCacheConfig
-from tests.redis_servers import free_port, stop
+from tests.redis_servers import stop
+from tests.support import free_port
 
 POLICY = CachePolicy(
     ttl_s=60,

@@ -20,7 +20,8 @@ from cache.memory import MemoryStore
 from cache.redis import RedisStore, redis_store
 from cache.store import CacheUnavailable, Store
 from gateway.config import CacheConfig
-from tests.redis_servers import free_port, stop
+from tests.redis_servers import stop
+from tests.support import free_port
 
 POLICY = CachePolicy(60, 5, 300, 3600, 10, True)
 

@@ -10,7 +10,7 @@ import sys
 import aiohttp
 
 from tests.config_files import wait_healthy
-from tests.serving import free_port
+from tests.support import free_port
 
 TOKEN = "demo-admin-token"
 

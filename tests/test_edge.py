@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from bench.overhead import scope
 from gateway.app import create_app
 from gateway.catalog import seed_sqlite
 from gateway.simulator import Simulators
 from tests.serving import product_view_config, product_view_env
+from tests.support import scope
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from gateway.executor import execute
 from gateway.merge import answer, encode, error_document, merge, with_stale_age
 from gateway.plan import EndpointPlan, build_plans
 from gateway.types import Call, Source
+from tests.support import exploding, failing, ok, slow
 from upstreams.policies import timeout
 
 CONFIG = """\
@@ -44,35 +45,6 @@ Fake = Callable[[Call], Any]
 
 def plan() -> EndpointPlan:
     return build_plans(config.loads(CONFIG, "t.yaml", {}).config)[0]
-
-
-def ok(data: Any) -> Source:
-    async def source(call: Call) -> Any:
-        return data(call) if callable(data) else data
-
-    return source
-
-
-def slow(seconds: float, data: Any) -> Source:
-    async def source(call: Call) -> Any:
-        await asyncio.sleep(seconds)
-        return data
-
-    return source
-
-
-def failing(exc: Exception) -> Source:
-    async def source(call: Call) -> Any:
-        raise exc
-
-    return source
-
-
-def exploding() -> Source:
-    async def source(call: Call) -> Any:
-        raise ZeroDivisionError("a bug, not an outage")
-
-    return source
 
 
 PRODUCT = {"id": 42, "name": "Lamp", "category": "lighting"}

@@ -30,7 +30,7 @@ from gateway.config import HttpSourceConfig, SqlSourceConfig
 from gateway.errors import SourceError
 from gateway.plan import Guarded, guard, open_upstream
 from gateway.types import JSON, Call, Upstream
-from reliability.harness import MariaDB, free_ports
+from tests.support import MariaDB, free_port
 from tests.upstream_server import (
     Handler,
     UpstreamServer,
@@ -405,8 +405,8 @@ async def test_sql_bulkhead_fails_fast_instead_of_queueing_for_the_pool(mysql_ur
 @pytest.fixture(scope="module")
 def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDB]:
     """A fresh MariaDB on a spare port with a tiny seeded table (about 5 s: the install), the
-    reliability harness's (reliability/harness.py)."""
-    server = MariaDB(tmp_path_factory.mktemp("mariadb"), free_ports(1))
+    reliability harness's too (tests/support.py)."""
+    server = MariaDB(tmp_path_factory.mktemp("mariadb"), free_port())
     try:
         server.install()
         conn = pymysql.connect(

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import create_app
 from gateway.simulator import Simulators
 from tests.config_files import config_text, gateway_process, read, server_env, set_server_env
-from tests.serving import free_port, serving
+from tests.serving import serving
+from tests.support import free_port
 
 PRODUCTS = 500
 ENDPOINT = "GET /products/{id:int}"

@@ -22,7 +22,8 @@ from tests.config_files import (
     with_extra_source,
     write_atomically,
 )
-from tests.serving import free_port, serving
+from tests.serving import serving
+from tests.support import free_port
 
 PRODUCTS = 500
 TOKEN = "reload-admin-token"

@@ -16,7 +16,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config import ServerConfig
 from gateway.server import HeadWithBody, OneWriteHttpToolsProtocol, http_protocol
-from tests.serving import free_port
+from tests.support import free_port
 
 WRITES: list[bytes] = []
 
