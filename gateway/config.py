@@ -11,68 +11,21 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gateway import templates
 from gateway.errors import ConfigError, Problem
+from gateway.sources import KIND_NAMES, Millis, SourceConfig, kind_of
+from gateway.sources import BreakerConfig as BreakerConfig
+from gateway.sources import HedgeConfig as HedgeConfig
+from gateway.sources import HttpPool as HttpPool
+from gateway.sources import HttpSourceConfig as HttpSourceConfig
+from gateway.sources import Model as _Model
+from gateway.sources import RetryConfig as RetryConfig
+from gateway.sources import SqlPool as SqlPool
+from gateway.sources import SqlSourceConfig as SqlSourceConfig
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Millis = Annotated[int, Field(gt=0, le=3_600_000)]
 Seconds = Annotated[int, Field(ge=0, le=30 * 86400)]
-
-RetryOn = Literal["timeout", "connect", "error", 500, 502, 503, 504, 429]
-
-
-class RetryConfig(_Model):
-    """Retries of one source's idempotent calls, bounded by the deadline and a budget."""
-
-    attempts: Annotated[int, Field(ge=1, le=10)] = 2
-    backoff_ms: Annotated[int, Field(ge=0, le=60_000)] = 10
-    max_backoff_ms: Annotated[int, Field(ge=0, le=60_000)] = 200
-    jitter: bool = True
-    on: tuple[RetryOn, ...] = ("timeout", "connect", 502, 503, 504)
-    budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
-
-
-class BreakerConfig(_Model):
-    """A circuit breaker on one source's failure ratio over a sliding window."""
-
-    failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
-    min_calls: Annotated[int, Field(ge=1)] = 20
-    window_s: Annotated[int, Field(ge=1, le=3600)] = 10
-    open_ms: Millis = 5000
-    half_open_calls: Annotated[int, Field(ge=1, le=100)] = 1
-
-
-HedgePercentile = Literal["p50", "p75", "p90", "p95", "p99"]
-
-
-class HedgeConfig(_Model):
-    """Hedged requests of an HTTP source: a second request once the first is late.
-
-    Late means after a fixed `after_ms`, or after the source's live latency percentile `after`.
-    """
-
-    after_ms: Millis | None = None
-    after: HedgePercentile | None = None
-
-    @model_validator(mode="after")
-    def _one_delay(self) -> HedgeConfig:
-        if (self.after_ms is None) == (self.after is None):
-            raise ValueError(
-                "give exactly one of after_ms (a fixed delay) or after (a live latency "
-                "percentile: p50, p75, p90, p95 or p99)"
-            )
-        return self
-
-    @property
-    def quantile(self) -> float | None:
-        """The percentile of `after` as a fraction (p95 -> 0.95), or None for a fixed delay."""
-        return int(self.after[1:]) / 100 if self.after else None
 
 
 class PropagationConfig(_Model):
@@ -93,97 +46,6 @@ class PropagationConfig(_Model):
         if self.request_id_header.lower() == self.deadline_header.lower():
             raise ValueError("request_id_header and deadline_header must be different headers")
         return self
-
-
-class HttpPool(_Model):
-    """Keep-alive connection pool limits of an HTTP source."""
-
-    max: Annotated[int, Field(ge=1, le=10_000)] = 100
-    keepalive_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
-
-
-class SqlPool(_Model):
-    """Connection pool limits of a SQL source."""
-
-    min: Annotated[int, Field(ge=0, le=1000)] = 1
-    max: Annotated[int, Field(ge=1, le=1000)] = 10
-    recycle_s: Annotated[int, Field(ge=1)] = 3600
-
-    @model_validator(mode="after")
-    def _min_le_max(self) -> SqlPool:
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
-        return self
-
-
-class _SourceBase(_Model):
-    timeout_ms: Millis = 1000
-    retry: RetryConfig | None = None
-    breaker: BreakerConfig | None = None
-    max_in_flight: Annotated[int, Field(ge=1)] | None = None
-
-
-class HttpSourceConfig(_SourceBase):
-    """An HTTP/JSON upstream service."""
-
-    kind: Literal["http"]
-    base_url: str
-    client: Literal["aiohttp", "httpx"] = "aiohttp"
-    http2: bool = False
-    headers: dict[str, str] = Field(default_factory=dict)
-    max_bytes: Annotated[int, Field(ge=1)] = 1_048_576
-    pool: HttpPool = HttpPool()
-    hedge: HedgeConfig | None = None
-
-    @field_validator("base_url")
-    @classmethod
-    def _base_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query or fragment")
-        return v.rstrip("/")
-
-    @model_validator(mode="after")
-    def _http2_needs_httpx(self) -> HttpSourceConfig:
-        if self.http2 and self.client != "httpx":
-            raise ValueError("http2: true needs client: httpx")
-        return self
-
-
-class SqlSourceConfig(_SourceBase):
-    """A SQL database: MySQL/MariaDB through aiomysql, or SQLite through aiosqlite."""
-
-    kind: Literal["sql"]
-    dsn: str
-    pool: SqlPool = SqlPool()
-    hedge: None = None
-
-    @field_validator("hedge", mode="before")
-    @classmethod
-    def _no_hedge(cls, v: Any) -> None:
-        if v is not None:
-            raise ValueError(
-                "hedging is for http sources only: a hedged SQL query runs twice on the "
-                "database and doubles its load exactly when it is slow"
-            )
-        return None
-
-    @field_validator("dsn")
-    @classmethod
-    def _dsn(cls, v: str) -> str:
-        scheme = urlsplit(v).scheme
-        if scheme not in ("mysql", "sqlite"):
-            raise ValueError("must start with mysql:// or sqlite:///")
-        if scheme == "mysql" and not urlsplit(v).hostname:
-            raise ValueError("a mysql:// DSN needs a host")
-        if scheme == "sqlite" and not v.startswith("sqlite:///"):
-            raise ValueError("a sqlite DSN is sqlite:///path/to/file.db")
-        return v
-
-
-SourceConfig = Annotated[HttpSourceConfig | SqlSourceConfig, Field(discriminator="kind")]
 
 
 HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", max_length=100)]
@@ -581,7 +443,7 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> Loc:
     return tuple(out)
 
 
-_UNION_LABELS = frozenset({"http", "sql", "str", "int", "float", "bool", "none"})
+_UNION_LABELS = frozenset({*KIND_NAMES, "str", "int", "float", "bool", "none"})
 _MAX_DEPTH = 40
 _MAX_NODES = 100_000
 _MERGE = "tag:yaml.org,2002:merge"
@@ -597,9 +459,9 @@ def _message(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown field (not part of the config language, or not built yet)"
     if err["type"] == "union_tag_invalid":
-        return "kind must be one of: http, sql"
+        return f"kind must be one of: {', '.join(KIND_NAMES)}"
     if err["type"] == "union_tag_not_found":
-        return "missing field kind (http or sql)"
+        return f"missing field kind ({' or '.join(KIND_NAMES)})"
     return msg.removeprefix("Value error, ")
 
 
@@ -682,19 +544,8 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
                                 f" (parameters: {', '.join(sorted(params)) or 'none'})",
                             )
                         )
-            if isinstance(source, SqlSourceConfig):
-                found += _check_sql_call(cat, call, params, set(ep.calls), name, deps)
-            elif isinstance(source, HttpSourceConfig):
-                if call.path is None:
-                    found.append(((*cat, "path"), "an http call needs a path"))
-                elif not call.path.startswith("/"):
-                    found.append(((*cat, "path"), "must start with /"))
-                if isinstance(call.query, str):
-                    found.append(((*cat, "query"), "an http call's query is a mapping of values"))
-                if call.one or call.args:
-                    found.append(
-                        ((*cat, "one" if call.one else "args"), "only sql calls take one and args")
-                    )
+            if source is not None:
+                found += kind_of(source).check_call(cat, call, params)
             found += _check_forwarding(cat, call, source, ep.cache)
             if call.required and call.has_fallback:
                 found.append(((*cat, "fallback"), "a required call cannot have a fallback"))
@@ -752,7 +603,7 @@ def _check_forwarding(
     """A forwarded request header shapes the answer: a cached endpoint must vary by it."""
     if not call.forward_headers:
         return []
-    if isinstance(source, SqlSourceConfig):
+    if source is not None and not kind_of(source).forwards_headers:
         return [((*cat, "forward_headers"), "only http calls forward request headers")]
     varied = {h.lower() for h in (cache.vary if cache else ())}
     missing = [h for h in call.forward_headers if cache is not None and h.lower() not in varied]
@@ -777,34 +628,6 @@ def _call_templates(call: CallConfig) -> list[tuple[str, list[str]]]:
     if call.args:
         out.append(("args", list(call.args.values())))
     return out
-
-
-def _check_sql_call(
-    cat: Loc,
-    call: CallConfig,
-    params: set[str],
-    calls: set[str],
-    name: str,
-    deps: dict[str, set[str]],
-) -> list[tuple[Loc, str]]:
-    found: list[tuple[Loc, str]] = []
-    if not isinstance(call.query, str):
-        return [((*cat, "query"), "a sql call needs a query string")]
-    if call.path is not None:
-        found.append(((*cat, "path"), "a sql call takes a query, not a path"))
-    for placeholder in templates.sql_param_names(call.query):
-        if placeholder not in params and placeholder not in call.args:
-            found.append(
-                (
-                    (*cat, "query"),
-                    f"placeholder %({placeholder})s names no path parameter and no entry of args",
-                )
-            )
-    if "{" in call.query and templates.parse(call.query).refs:
-        found.append(
-            ((*cat, "query"), "SQL text cannot hold templates; bind values with %(name)s and args")
-        )
-    return found
 
 
 def _cycle(deps: Mapping[str, set[str]]) -> list[str]:

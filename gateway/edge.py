@@ -72,7 +72,7 @@ class EndpointHandler:
         arrived = loop.time()
         deadline = arrived + plan.deadline
         cached = plan.id in runtime.cache_policies
-        reserve = runtime.loaded.config.cache.op_timeout_ms / 1000 if cached else 0.0
+        reserve = plan.cache_reserve if cached else 0.0
 
         async def compute() -> Entry:
             # A background refresh has no client waiting: it gets a whole deadline of its own.

@@ -12,25 +12,13 @@ import orjson
 from pydantic import Field, TypeAdapter
 
 from gateway import templates
-from gateway.config import (
-    CallConfig,
-    EndpointConfig,
-    GatewayConfig,
-    HttpSourceConfig,
-    PropagationConfig,
-    RetryConfig,
-    SourceConfig,
-    SqlSourceConfig,
-)
+from gateway.config import CacheConfig, CallConfig, EndpointConfig, GatewayConfig, PropagationConfig
+from gateway.sources import Kind, Render, SourceConfig, kind_of
 from gateway.types import Source, Upstream
 from upstreams import policies
-from upstreams.breaker import Breaker, OnChange
-from upstreams.http import DEFAULT_PROPAGATION, http_source
+from upstreams.breaker import Breaker, BreakerSettings, OnChange
+from upstreams.http import DEFAULT_PROPAGATION, Propagation
 from upstreams.latency import Latency
-from upstreams.sql import sql_source
-
-Scope = Mapping[str, Any]
-Render = Callable[[Scope], tuple[str, Mapping[str, Any]]]
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 """The range of `int` path parameters: what every database binds (SQLite's INTEGER is 64-bit)."""
@@ -85,6 +73,7 @@ class EndpointPlan:
     deadline: float
     calls: tuple[CallPlan, ...]
     config: EndpointConfig
+    """The endpoint's config, read when the config loads (cache policy), never per request."""
     digest: str
     tags: tuple[templates.Template, ...]
     awaited: frozenset[str]
@@ -93,6 +82,55 @@ class EndpointPlan:
     """Request headers (lower case) that are part of the cache key."""
     personal: bool = False
     """Whether a call forwards Authorization or Cookie: the answer is that client's alone."""
+    cache_reserve: float = 0.0
+    """Seconds kept from the deadline for the cache write after the fan-out (0 uncached)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeSettings:
+    """When a hedge is sent: after a fixed delay, or after a live latency percentile."""
+
+    after_s: float = 0.0
+    quantile: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourcePlan:
+    """One source, compiled: its kind's row, its adapter's settings, and its policies'."""
+
+    name: str
+    kind: Kind
+    settings: Any
+    timeout_ms: int
+    retry: policies.RetrySettings | None = None
+    breaker: BreakerSettings | None = None
+    max_in_flight: int | None = None
+    hedge: HedgeSettings | None = None
+
+
+def compile_source(
+    name: str, cfg: SourceConfig, propagation: PropagationConfig | None = None
+) -> SourcePlan:
+    """Return the plan of one validated source: plain frozen values, no config model left."""
+    kind = kind_of(cfg)
+    prop = DEFAULT_PROPAGATION
+    if propagation is not None:
+        prop = Propagation(propagation.request_id_header, propagation.deadline_header)
+    retry = cfg.retry
+    breaker = cfg.breaker
+    hedge = cfg.hedge
+    return SourcePlan(
+        name=name,
+        kind=kind,
+        settings=kind.compile(cfg, prop),
+        timeout_ms=cfg.timeout_ms,
+        retry=None if retry is None else policies.RetrySettings(**retry.model_dump()),
+        breaker=None if breaker is None else BreakerSettings(**breaker.model_dump()),
+        max_in_flight=cfg.max_in_flight,
+        hedge=None
+        if hedge is None
+        else HedgeSettings((hedge.after_ms or 0) / 1000, hedge.quantile),
+    )
 
 
 PERSONAL_HEADERS = frozenset({b"authorization", b"cookie"})
@@ -101,10 +139,12 @@ PERSONAL_HEADERS = frozenset({b"authorization", b"cookie"})
 
 def build_plans(config: GatewayConfig) -> tuple[EndpointPlan, ...]:
     """Return one plan per endpoint of a validated config."""
-    return tuple(build_plan(ep, config.sources) for ep in config.endpoints)
+    return tuple(build_plan(ep, config.sources, config.cache) for ep in config.endpoints)
 
 
-def build_plan(ep: EndpointConfig, sources: Mapping[str, SourceConfig]) -> EndpointPlan:
+def build_plan(
+    ep: EndpointConfig, sources: Mapping[str, SourceConfig], cache: CacheConfig | None = None
+) -> EndpointPlan:
     """Return the plan of one endpoint; its digest changes whenever anything that shapes it does."""
     params = tuple(
         ParamPlan(name, kind, TypeAdapter(_PARAM_TYPES[kind]))
@@ -116,7 +156,8 @@ def build_plan(ep: EndpointConfig, sources: Mapping[str, SourceConfig]) -> Endpo
     shape = {
         "endpoint": ep.model_dump(mode="json"),
         "sources": {
-            name: _shape_of(sources[name]) for name in sorted({c.source for c in ep.calls.values()})
+            name: kind_of(sources[name]).shape(sources[name])
+            for name in sorted({c.source for c in ep.calls.values()})
         },
     }
     digest = hashlib.blake2b(
@@ -136,25 +177,15 @@ def build_plan(ep: EndpointConfig, sources: Mapping[str, SourceConfig]) -> Endpo
         awaited=frozenset(d for cp in calls for d in cp.deps),
         vary=tuple(h.lower().encode("latin-1") for h in (ep.cache.vary if ep.cache else ())),
         personal=any(raw in PERSONAL_HEADERS for cp in calls for raw, _ in cp.forward),
+        cache_reserve=(cache or CacheConfig()).op_timeout_ms / 1000 if ep.cache else 0.0,
     )
-
-
-def _shape_of(source: SourceConfig) -> Any:
-    # The answer's shape depends on where data comes from, not on how patiently we wait for it.
-    if isinstance(source, SqlSourceConfig):
-        return {"kind": "sql", "dsn": source.dsn}
-    return {"kind": "http", "base_url": source.base_url}
 
 
 def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointConfig) -> CallPlan:
     deps: set[str] = set()
-    if isinstance(source, HttpSourceConfig):
-        render = _http_render(call)
-        texts = [call.path or "", *(call.query.values() if isinstance(call.query, dict) else ())]
-    else:
-        render = _sql_render(call)
-        texts = list(call.args.values())
-    for text in texts:
+    kind = kind_of(source)
+    render = kind.render(call)
+    for text in kind.texts(call):
         deps.update(r.root for r in templates.parse(text).refs if r.root in ep.calls)
     return CallPlan(
         name=name,
@@ -172,41 +203,12 @@ def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointCo
     )
 
 
-def _http_render(call: CallConfig) -> Render:
-    path = templates.parse(call.path or "/")
-    query = (
-        [(k, templates.parse(v)) for k, v in (call.query or {}).items()]
-        if isinstance(call.query, dict)
-        else []
-    )
-    if not query and not path.refs:
-        fixed = path.render_path({})
-        return lambda scope: (fixed, {})
-
-    def render(scope: Scope) -> tuple[str, Mapping[str, Any]]:
-        return path.render_path(scope), {k: t.render_value(scope) for k, t in query}
-
-    return render
-
-
-def _sql_render(call: CallConfig) -> Render:
-    sql = call.query if isinstance(call.query, str) else ""
-    names = templates.sql_param_names(sql)
-    args = {k: templates.parse(v) for k, v in call.args.items()}
-
-    def render(scope: Scope) -> tuple[str, Mapping[str, Any]]:
-        return sql, {n: args[n].render_value(scope) if n in args else scope[n] for n in names}
-
-    return render
-
-
 async def open_upstream(
-    name: str, cfg: SourceConfig, propagation: PropagationConfig = DEFAULT_PROPAGATION
+    name: str, cfg: SourceConfig | SourcePlan, propagation: PropagationConfig | None = None
 ) -> Upstream:
-    """Start the adapter of one source (its pool or client session)."""
-    if isinstance(cfg, HttpSourceConfig):
-        return await http_source(name, cfg, propagation)
-    return await sql_source(name, cfg)
+    """Start the adapter of one source (its pool or client session), per its kind's row."""
+    plan = cfg if isinstance(cfg, SourcePlan) else compile_source(name, cfg, propagation)
+    return await plan.kind.open(name, plan.settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +225,7 @@ class Guarded:
 
 def guard(
     name: str,
-    cfg: SourceConfig,
+    cfg: SourceConfig | SourcePlan,
     upstream: Upstream,
     *,
     on_change: OnChange | None = None,
@@ -248,18 +250,19 @@ def guard(
     With `hedge: {after: pNN}`, a `Latency` recorder sits between hedge and timeout: it times
     each successful attempt, and the hedge reads its percentile before each call.
     """
+    plan = cfg if isinstance(cfg, SourcePlan) else compile_source(name, cfg)
     source: Source = upstream.call
-    limit = policies.Limit(cfg.max_in_flight) if cfg.max_in_flight else None
+    limit = policies.Limit(plan.max_in_flight) if plan.max_in_flight else None
     if limit is not None:
         source = limit(source)
     source = policies.timeout(source)
-    budget = policies.Budget((cfg.retry or RetryConfig()).budget_ratio)
+    budget = policies.Budget((plan.retry or policies.RetrySettings()).budget_ratio)
     hedge = latency = None
-    if cfg.hedge is not None:
+    if plan.hedge is not None:
         after: float | Callable[[], float | None]
-        quantile = cfg.hedge.quantile
+        quantile = plan.hedge.quantile
         if quantile is None:
-            after = (cfg.hedge.after_ms or 0) / 1000
+            after = plan.hedge.after_s
         else:
             latency = Latency()
             source = latency(source)
@@ -267,12 +270,13 @@ def guard(
         hedge = policies.Hedge(after, budget, on_hedge=on_hedge)
         source = hedge(source)
     retry = None
-    if (cfg.retry is not None and cfg.retry.attempts > 1) or hedge is not None:
+    if (plan.retry is not None and plan.retry.attempts > 1) or hedge is not None:
         # A hedged source without retries still gets a one-attempt Retry: it counts the calls
         # that the hedges' share of the budget is measured against.
-        retry = policies.Retry(cfg.retry or RetryConfig(attempts=1), budget, on_retry=on_retry)
+        once = policies.RetrySettings(attempts=1)
+        retry = policies.Retry(plan.retry or once, budget, on_retry=on_retry)
         source = retry(source)
-    breaker = Breaker(cfg.breaker, name, on_change=on_change) if cfg.breaker else None
+    breaker = Breaker(plan.breaker, name, on_change=on_change) if plan.breaker else None
     if breaker is not None:
         source = breaker(source)
     return Guarded(source, breaker, retry, limit, hedge, latency)

@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from gateway.config import BreakerConfig
 from gateway.errors import (
     BadPayload,
     CircuitOpen,
@@ -17,7 +16,7 @@ from gateway.errors import (
     SourceUnavailable,
 )
 from gateway.types import Call
-from upstreams.breaker import Breaker, Window
+from upstreams.breaker import Breaker, BreakerSettings, Window
 
 
 class Clock:
@@ -75,7 +74,7 @@ def breaker(clock: Clock, changes: list | None = None, **cfg) -> Breaker:
         "half_open_calls": 1,
     } | cfg
     on_change = None if changes is None else (lambda *change: changes.append(change))
-    return Breaker(BreakerConfig(**settings), "pricing", clock=clock, on_change=on_change)
+    return Breaker(BreakerSettings(**settings), "pricing", clock=clock, on_change=on_change)
 
 
 async def outcome(guarded, call: Call | None = None) -> str:
@@ -299,27 +298,18 @@ async def test_a_refused_probe_closes_a_half_open_breaker() -> None:
     assert b.state == "closed"  # the source answered: it is up
 
 
-async def test_an_error_of_our_own_side_is_no_verdict() -> None:
-    # A value the driver refused to send (say) never reached the source: it says nothing of it.
+@pytest.mark.parametrize(
+    "uncounted",
+    [SourceError("cannot bind a value"), Overloaded("full")],
+    ids=["an_error_of_our_own_side", "overloaded"],
+)
+async def test_a_call_that_never_reached_the_source_is_no_verdict(uncounted: SourceError) -> None:
+    # A value the driver refused to send (say), or a full pool, never reached the source: neither
+    # says anything of it, so neither counts as a call.
     b = breaker(Clock())
     source = scripted()
     guarded = b(source)
-    source.next = SourceError("cannot bind a value")
-    for _ in range(10):
-        await outcome(guarded)
-    source.next = SourceTimeout("slow")
-    for _ in range(3):
-        await outcome(guarded)
-    assert b.state == "closed"  # 3 counted calls < min_calls 4
-    await outcome(guarded)
-    assert b.state == "open"
-
-
-async def test_overloaded_is_not_counted_as_a_call() -> None:
-    b = breaker(Clock())
-    source = scripted()
-    guarded = b(source)
-    source.next = Overloaded("full")
+    source.next = uncounted
     for _ in range(10):
         await outcome(guarded)
     source.next = SourceTimeout("slow")

@@ -10,7 +10,6 @@ import asyncio
 
 import pytest
 
-from gateway.config import BreakerConfig, RetryConfig
 from gateway.errors import (
     BadPayload,
     CircuitOpen,
@@ -22,7 +21,8 @@ from gateway.errors import (
     Unsendable,
 )
 from gateway.types import Call
-from upstreams.policies import Breaker, Budget, Hedge, Limit, Retry, timeout
+from upstreams.breaker import BreakerSettings
+from upstreams.policies import Breaker, Budget, Hedge, Limit, Retry, RetrySettings, timeout
 
 # --- fakes ----------------------------------------------------------------------------------
 
@@ -104,8 +104,8 @@ def make_call(timeout: float = 1.0, budget: float = 5.0) -> Call:
     )
 
 
-def retry_cfg(**cfg) -> RetryConfig:
-    return RetryConfig(**({"attempts": 3, "backoff_ms": 0, "jitter": False} | cfg))
+def retry_cfg(**cfg) -> RetrySettings:
+    return RetrySettings(**({"attempts": 3, "backoff_ms": 0, "jitter": False} | cfg))
 
 
 def now() -> float:
@@ -512,7 +512,7 @@ def compose(source, breaker, retry, hedge, limit):
 
 async def test_open_breaker_never_calls_the_inner_layers() -> None:
     clock = Clock()
-    breaker = Breaker(BreakerConfig(min_calls=2, failure_ratio=0.5), "pricing", clock=clock)
+    breaker = Breaker(BreakerSettings(min_calls=2, failure_ratio=0.5), "pricing", clock=clock)
     retry = Retry(retry_cfg(attempts=2), clock=clock)
     hedge = Hedge(0.5)
     limit = Limit(1)
@@ -532,7 +532,7 @@ async def test_open_breaker_never_calls_the_inner_layers() -> None:
 
 async def test_composed_call_never_outlives_its_deadline() -> None:
     clock = Clock()
-    breaker = Breaker(BreakerConfig(), "pricing", clock=clock)
+    breaker = Breaker(BreakerSettings(), "pricing", clock=clock)
     retry = Retry(retry_cfg(attempts=10), clock=clock)
     hedge = Hedge(0.02, budget=retry.budget)
     source = tracked(5)
@@ -551,6 +551,6 @@ async def test_composed_call_never_outlives_its_deadline() -> None:
 async def test_composed_call_recovers_with_a_retry_inside_the_deadline() -> None:
     source = flaky(1, SourceUnavailable("refused", connect=True), {"amount": 1})
     retry = Retry(retry_cfg(attempts=2))
-    guarded = compose(source, Breaker(BreakerConfig(), "pricing"), retry, Hedge(0.5), Limit(4))
+    guarded = compose(source, Breaker(BreakerSettings(), "pricing"), retry, Hedge(0.5), Limit(4))
     assert await guarded(make_call(timeout=0.1, budget=0.3)) == {"amount": 1}
     assert source.calls == 2

@@ -17,10 +17,9 @@ import orjson
 import pymysql
 import pytest
 
-from gateway.config import SqlPool, SqlSourceConfig
 from gateway.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.types import Call, Upstream
-from upstreams.sql import budgeted, map_errors, sql_source
+from upstreams.sql import SqlPoolSettings, SqlSettings, budgeted, map_errors, sql_source
 
 TABLE = "sqlsrc_products"
 ROWS = [
@@ -86,8 +85,8 @@ def sqlite_dsn(tmp_path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def _config(dsn: str, *, pool_min: int = 1, pool_max: int = 4) -> SqlSourceConfig:
-    return SqlSourceConfig(kind="sql", dsn=dsn, pool=SqlPool(min=pool_min, max=pool_max))
+def _config(dsn: str, *, pool_min: int = 1, pool_max: int = 4) -> SqlSettings:
+    return SqlSettings(dsn, SqlPoolSettings(min=pool_min, max=pool_max))
 
 
 @asynccontextmanager

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from gateway.config import BreakerConfig
 from gateway.errors import (
     BadPayload,
     CircuitOpen,
@@ -81,6 +81,17 @@ class Window:
         self._epochs = [-1] * len(self._epochs)
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """When a source's breaker opens (failure ratio over a window), and for how long."""
+
+    failure_ratio: float = 0.5
+    min_calls: int = 20
+    window_s: int = 10
+    open_ms: int = 5000
+    half_open_calls: int = 1
+
+
 class Breaker:
     """A circuit breaker policy for one source: `Breaker(cfg, name)(source)` is the guarded source.
 
@@ -91,7 +102,7 @@ class Breaker:
 
     def __init__(
         self,
-        cfg: BreakerConfig,
+        cfg: BreakerSettings,
         name: str,
         clock: Clock = time.monotonic,
         on_change: OnChange | None = None,

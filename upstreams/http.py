@@ -21,6 +21,7 @@ import math
 import zlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 from urllib.parse import quote
@@ -31,13 +32,43 @@ import orjson
 import yarl
 from multidict import CIMultiDict
 
-from gateway.config import HttpSourceConfig, PropagationConfig
 from gateway.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.templates import scalar_text
 from gateway.types import JSON, Call, Upstream
 
+
+@dataclass(frozen=True, slots=True)
+class Propagation:
+    """The headers that carry the request id and the remaining budget to HTTP upstreams."""
+
+    request_id_header: str = "X-Request-ID"
+    deadline_header: str = "X-Request-Deadline-Ms"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpPoolSettings:
+    """Keep-alive connection pool limits of an HTTP source."""
+
+    max: int = 100
+    keepalive_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """What an HTTP source's adapter needs: where, with which client, headers and bounds."""
+
+    base_url: str
+    client: str = "aiohttp"
+    http2: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    max_bytes: int = 1_048_576
+    pool: HttpPoolSettings = HttpPoolSettings()
+    propagation: Propagation = Propagation()
+    """The header names chosen in the config, for whoever opens the source to pass on."""
+
+
 PING_TIMEOUT_S = 1.0
-DEFAULT_PROPAGATION = PropagationConfig()
+DEFAULT_PROPAGATION = Propagation()
 ACCEPT_ENCODING = "gzip, deflate"
 """What both clients ask for: only the codings `_decoder` can inflate in bounded slices."""
 SLICE_BYTES = 256 * 1024
@@ -45,7 +76,7 @@ SLICE_BYTES = 256 * 1024
 
 
 async def http_source(
-    name: str, cfg: HttpSourceConfig, propagation: PropagationConfig = DEFAULT_PROPAGATION
+    name: str, cfg: HttpSettings, propagation: Propagation = DEFAULT_PROPAGATION
 ) -> Upstream:
     """Start one HTTP source: its keep-alive pool and the functions to call, probe and close it.
 
@@ -81,7 +112,7 @@ def map_errors(source: str) -> Iterator[None]:
 # --- aiohttp (the default) -------------------------------------------------------------------
 
 
-def _aiohttp_upstream(name: str, cfg: HttpSourceConfig, prop: PropagationConfig) -> Upstream:
+def _aiohttp_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstream:
     connector = aiohttp.TCPConnector(
         limit=cfg.pool.max, limit_per_host=0, keepalive_timeout=cfg.pool.keepalive_s
     )
@@ -127,7 +158,7 @@ def _aiohttp_upstream(name: str, cfg: HttpSourceConfig, prop: PropagationConfig)
 # --- httpx (`client: httpx`, e.g. for HTTP/2) ------------------------------------------------
 
 
-def _httpx_upstream(name: str, cfg: HttpSourceConfig, prop: PropagationConfig) -> Upstream:
+def _httpx_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstream:
     limits = httpx.Limits(
         max_connections=cfg.pool.max,
         max_keepalive_connections=cfg.pool.max,
@@ -203,7 +234,7 @@ def _url(base: str, call: Call) -> str:
     return f"{base}{call.target}{'&' if '?' in call.target else '?'}{query}"
 
 
-def _headers(static: CIMultiDict[str], call: Call, prop: PropagationConfig) -> CIMultiDict[str]:
+def _headers(static: CIMultiDict[str], call: Call, prop: Propagation) -> CIMultiDict[str]:
     """Return the source's headers, overridden by the call's, plus request id and deadline."""
     headers = static.copy()
     headers.setdefault("Accept-Encoding", ACCEPT_ENCODING)

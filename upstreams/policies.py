@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from tenacity import (
     AsyncRetrying,
@@ -28,7 +29,6 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from gateway.config import RetryConfig
 from gateway.errors import Overloaded, SourceError, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.types import JSON, Call, Source
 from upstreams.breaker import Breaker, Clock, Window
@@ -118,6 +118,18 @@ class Budget:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    """Retries of one source's idempotent calls: how many, how far apart, on which outcomes."""
+
+    attempts: int = 2
+    backoff_ms: int = 10
+    max_backoff_ms: int = 200
+    jitter: bool = True
+    on: tuple[str | int, ...] = ("timeout", "connect", 502, 503, 504)
+    budget_ratio: float = 0.2
+
+
 def retryable(on: tuple[str | int, ...]) -> Callable[[BaseException], bool]:
     """Return a predicate telling whether an error is one of the outcomes listed in `retry.on`."""
     statuses = frozenset(o for o in on if isinstance(o, int))
@@ -150,12 +162,12 @@ class Retry:
     - the source's `Budget` has a retry left (counted in `refused_budget`).
     Otherwise the last error is raised as it is. Backoff is exponential from `backoff_ms`, capped
     at `max_backoff_ms`, with full jitter when `cfg.jitter`. With no retry config, plan.py can
-    still use `Retry(RetryConfig(attempts=1), budget)` so a hedged source's calls are counted.
+    still use `Retry(RetrySettings(attempts=1), budget)` so a hedged source's calls are counted.
     """
 
     def __init__(
         self,
-        cfg: RetryConfig,
+        cfg: RetrySettings,
         budget: Budget | None = None,
         clock: Clock = time.monotonic,
         on_retry: OnRetry | None = None,

@@ -19,6 +19,7 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -28,7 +29,6 @@ import aiosqlite
 import pymysql
 
 from gateway import templates
-from gateway.config import SqlSourceConfig
 from gateway.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.types import JSON, Call, Upstream
 
@@ -44,11 +44,33 @@ _CONNECT_CODES = frozenset({2002, 2003, 2005, 1040, 1044, 1045, 1049, 1129, 1130
 _PLAIN = (int, str, float, bool, type(None))
 
 
-async def sql_source(name: str, cfg: SqlSourceConfig) -> Upstream:
+@dataclass(frozen=True, slots=True)
+class SqlPoolSettings:
+    """Connection pool limits of a SQL source."""
+
+    min: int = 1
+    max: int = 10
+    recycle_s: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class SqlSettings:
+    """What a SQL source's adapter needs: its DSN and its pool limits."""
+
+    dsn: str
+    pool: SqlPoolSettings = SqlPoolSettings()
+
+
+async def sql_source(name: str, cfg: SqlSettings) -> Upstream:
     """Return the started SQL source `name`: a MySQL pool or a SQLite connection, per its DSN."""
     if urlsplit(cfg.dsn).scheme == "sqlite":
-        return await _sqlite_upstream(name, cfg.dsn, min(cfg.pool.max, _SQLITE_MAX_CONNECTIONS))
-    return await _mysql_upstream(name, cfg)
+        return await sqlite_source(name, cfg)
+    return await mysql_source(name, cfg)
+
+
+async def sqlite_source(name: str, cfg: SqlSettings) -> Upstream:
+    """Return the started SQLite source `name`: a few aiosqlite connections on one file."""
+    return await _sqlite_upstream(name, cfg.dsn, min(cfg.pool.max, _SQLITE_MAX_CONNECTIONS))
 
 
 @contextmanager
@@ -76,7 +98,8 @@ def map_errors(name: str) -> Iterator[None]:
 # --- MySQL / MariaDB -------------------------------------------------------------------------
 
 
-async def _mysql_upstream(name: str, cfg: SqlSourceConfig) -> Upstream:
+async def mysql_source(name: str, cfg: SqlSettings) -> Upstream:
+    """Return the started MySQL/MariaDB source `name`: an aiomysql pool."""
     options = _mysql_options(cfg)
     try:
         pool = await aiomysql.create_pool(**options)
@@ -95,7 +118,7 @@ async def _mysql_upstream(name: str, cfg: SqlSourceConfig) -> Upstream:
                 budget = max(ends - loop.time(), _FLOOR_S)
                 sql = budgeted(call.target, budget, conn.get_server_info())
                 rows = await _mysql_rows(conn, sql, dict(call.params))
-        return _result(name, rows, call.one)
+        return json_result(name, rows, call.one)
 
     async def ping() -> None:
         try:
@@ -152,7 +175,7 @@ def _flavour(server_version: str) -> Literal["mariadb", "mysql", ""]:
     return "mysql" if version >= (5, 7, 8) else ""
 
 
-def _mysql_options(cfg: SqlSourceConfig) -> dict[str, Any]:
+def _mysql_options(cfg: SqlSettings) -> dict[str, Any]:
     dsn = urlsplit(cfg.dsn)
     return {
         "host": dsn.hostname,
@@ -248,7 +271,7 @@ async def _sqlite_upstream(name: str, dsn: str, size: int) -> Upstream:
         conn, lock = slot()
         with map_errors(name):
             rows = await _sqlite_rows(conn, lock, _sqlite_sql(call.target), dict(call.params))
-        return _result(name, rows, call.one)
+        return json_result(name, rows, call.one)
 
     async def ping() -> None:
         conn, lock = slot()
@@ -310,7 +333,8 @@ def _unlock(lock: asyncio.Lock, work: asyncio.Future[Any]) -> None:
 # --- rows to JSON ----------------------------------------------------------------------------
 
 
-def _result(name: str, rows: list[dict[str, Any]], one: bool) -> JSON:
+def json_result(name: str, rows: list[dict[str, Any]], one: bool) -> JSON:
+    """Return the rows as JSON: the first row (`one`, `NotFound` without one) or all of them."""
     if one:
         if not rows:
             raise NotFound(f"{name}: no row")
@@ -320,11 +344,13 @@ def _result(name: str, rows: list[dict[str, Any]], one: bool) -> JSON:
 
 def _json_row(row: dict[str, Any]) -> dict[str, JSON]:
     return {
-        key: value if type(value) in _PLAIN else _json_value(value) for key, value in row.items()
+        key: value if type(value) in _PLAIN else json_value(value) for key, value in row.items()
     }
 
 
-def _json_value(value: Any) -> JSON:
+def json_value(value: Any) -> JSON:
+    """Return a driver's value as JSON: DECIMAL as float, temporal values as ISO 8601 text, bytes
+    as UTF-8 (or base64) text, sets sorted; anything else as it is."""
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, datetime.date | datetime.time):

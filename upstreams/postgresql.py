@@ -1,0 +1,156 @@
+"""PostgreSQL sources through an asyncpg pool (`postgresql://user@host:port/db`).
+
+A call's SQL arrives with `$1..$n` placeholders (translated once from `%(name)s` when the config
+loads, by `positional`) and its parameters in that order, bound by the driver. Before each query
+the connection's `statement_timeout` is set to what is left of the call's budget, so the server
+stops a query our side gave up on; a call cancelled mid-flight has asyncpg send the server a
+cancel request, and its connection goes back to the pool only once that cancel is done. Values
+come out as the MySQL adapter gives them (`upstreams.sql.json_value`), plus UUID and network
+addresses as text and arrays as lists; JSON columns are text, as aiomysql gives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from gateway.errors import SourceTimeout, SourceUnavailable, Unsendable
+from gateway.types import JSON, Call, Upstream
+from upstreams.sql import SqlSettings, json_result, json_value
+
+_PING_S = 1.0
+# Only bounds opening a connection; on the request path the caller's timeout does.
+_CONNECT_TIMEOUT_S = 5.0
+_CANCELED = "57014"  # query_canceled: our statement_timeout (or a cancel request)
+# SQLSTATE classes that mean no connection: 08 connection, 28 authorization, 3D no such
+# database, 53300 too many connections, 57P03 the server is starting or stopping.
+_CONNECT_STATES = ("08", "28", "3D", "53300", "57P03")
+_PLAIN = (int, str, float, bool, type(None))
+_PLACEHOLDER = re.compile(r"%%|%\(([A-Za-z_][A-Za-z0-9_]*)\)s")
+
+
+def positional(sql: str) -> tuple[str, tuple[str, ...]]:
+    """Return `sql` with each `%(name)s` as `$n` (one number per name, in order of first use)
+    and `%%` as `%`, and the names in the order their numbers bind them."""
+    names: dict[str, int] = {}
+
+    def number(m: re.Match[str]) -> str:
+        if m.group(1) is None:
+            return "%"
+        return f"${names.setdefault(m.group(1), len(names) + 1)}"
+
+    return _PLACEHOLDER.sub(number, sql), tuple(names)
+
+
+def check_dsn(dsn: str) -> str | None:
+    """Return what is wrong with a postgresql:// DSN, or None."""
+    return None if urlsplit(dsn).hostname else "a postgresql:// DSN needs a host"
+
+
+async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
+    """Return the started PostgreSQL source `name`: an asyncpg pool."""
+    options: dict[str, Any] = {
+        "dsn": cfg.dsn,
+        "max_size": cfg.pool.max,
+        "max_inactive_connection_lifetime": cfg.pool.recycle_s,
+        "timeout": _CONNECT_TIMEOUT_S,
+        "command_timeout": None,
+        # The default reset (RESET ALL, UNLISTEN...) is one more round trip per call; a call
+        # changes nothing but statement_timeout, which the next call sets again.
+        "reset": _keep,
+    }
+    try:
+        pool = await asyncpg.create_pool(min_size=cfg.pool.min, **options)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        # The database may come up after us: start with an empty pool that fills on first use,
+        # so requests get partial answers and /readyz says why instead of the gateway not starting.
+        pool = await asyncpg.create_pool(min_size=0, **options)
+
+    async def call(call: Call) -> JSON:
+        loop = asyncio.get_running_loop()
+        ends = min(loop.time() + call.timeout, call.deadline)
+        with map_errors(name, connect=True):
+            conn = await pool.acquire()
+        try:
+            # Measured after acquiring: waiting for a connection spends the same budget.
+            ms = max(1, math.ceil((ends - loop.time()) * 1000))
+            with map_errors(name):
+                await conn.execute(f"SET statement_timeout = {ms}")
+                rows = await conn.fetch(call.target, *call.params.values())
+        finally:
+            # Shielded by asyncpg; after a cancel it waits for the server to confirm it.
+            await pool.release(conn)
+        return json_result(name, [_json_row(r) for r in rows], call.one)
+
+    async def ping() -> None:
+        try:
+            async with asyncio.timeout(_PING_S):
+                with map_errors(name, connect=True):
+                    async with pool.acquire() as conn:
+                        await conn.execute(f"SET statement_timeout = {int(_PING_S * 1000)}")
+                        await conn.fetchval("SELECT 1")
+        except TimeoutError as exc:
+            raise SourceTimeout(f"{name}: no answer to SELECT 1 within {_PING_S:g} s") from exc
+
+    async def close() -> None:
+        await pool.close()
+
+    def pool_stats() -> Mapping[str, int]:
+        size, free = pool.get_size(), pool.get_idle_size()
+        return {"size": size, "in_use": size - free, "free": free, "max": pool.get_max_size()}
+
+    return Upstream(call=call, close=close, ping=ping, pool_stats=pool_stats)
+
+
+async def _keep(conn: asyncpg.Connection) -> None:
+    """Reset nothing (asyncpg itself rolls back a transaction left open)."""
+
+
+@contextmanager
+def map_errors(name: str, *, connect: bool = False) -> Iterator[None]:
+    """Translate asyncpg and socket errors into the gateway's `SourceError` tree.
+
+    `connect` marks errors while borrowing a connection: the query was never sent. A value the
+    driver cannot encode (an int past the column's range, a lone surrogate) is `Unsendable`;
+    other exceptions (AttributeError...) are bugs and pass.
+    """
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        state = str(getattr(exc, "sqlstate", "") or "")
+        if state == _CANCELED:
+            raise SourceTimeout(f"{name}: the database stopped the query at its budget") from exc
+        down = connect or state.startswith(_CONNECT_STATES)
+        raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}", connect=down) from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        # asyncpg's DataError (a value that does not fit its parameter) is a ValueError too.
+        raise Unsendable(f"{name}: {type(exc).__name__}: {exc}") from exc
+    except asyncpg.InterfaceError as exc:
+        raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}", connect=connect) from exc
+    except OSError as exc:  # refused, unreachable, reset; TimeoutError is the caller's
+        if isinstance(exc, TimeoutError):
+            raise
+        raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}", connect=connect) from exc
+
+
+def _json_row(record: asyncpg.Record) -> dict[str, JSON]:
+    return {k: v if type(v) in _PLAIN else _json(v) for k, v in record.items()}
+
+
+def _json(value: Any) -> JSON:
+    if isinstance(value, uuid.UUID | ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(value)
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [v if type(v) in _PLAIN else _json(v) for v in value]
+    return json_value(value)
