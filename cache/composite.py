@@ -25,13 +25,14 @@ from cache.entry import (
     Entry,
     decode,
     encode,
+    servable,
     stored_limit,
 )
 from cache.memory import MemoryStore
 from cache.near import NearCache
+from cache.policy import CachePolicy, CacheSettings, servable_stale
 from cache.redis import redis_store
 from cache.store import CacheUnavailable, Store
-from gateway.config import CacheConfig, EndpointCache
 
 log = structlog.get_logger("cache")
 
@@ -62,56 +63,6 @@ class _Ask:
 
 
 @dataclass(frozen=True, slots=True)
-class CachePolicy:
-    """How long one endpoint's answers are fresh, kept stale, and whether clients may bypass."""
-
-    ttl_s: float
-    partial_ttl_s: float
-    stale_while_revalidate_s: float
-    stale_if_error_s: float
-    not_found_ttl_s: float
-    allow_client_bypass: bool
-
-    @classmethod
-    def from_config(cls, cfg: EndpointCache) -> CachePolicy:
-        """Return the policy an endpoint's `cache:` block describes."""
-        return cls(
-            ttl_s=float(cfg.ttl_s),
-            partial_ttl_s=float(cfg.partial_ttl_s),
-            stale_while_revalidate_s=float(cfg.stale_while_revalidate_s),
-            stale_if_error_s=float(cfg.stale_if_error_s),
-            not_found_ttl_s=float(cfg.not_found_ttl_s),
-            allow_client_bypass=cfg.allow_client_bypass,
-        )
-
-    def ttl_for(self, entry: Entry) -> float:
-        """Return how long `entry` is fresh: 0 for answers that are never stored (5xx)."""
-        if entry.status == 200:
-            return self.ttl_s if entry.complete else self.partial_ttl_s
-        if entry.status == 404:
-            return self.not_found_ttl_s
-        return 0.0
-
-    def keep_for(self, entry: Entry) -> float:
-        """Return how long the backend keeps `entry`: fresh, then as long as it may serve stale."""
-        ttl = self.ttl_for(entry)
-        if ttl <= 0:
-            return 0.0
-        if not servable_stale(entry):
-            return ttl
-        return ttl + max(self.stale_while_revalidate_s, self.stale_if_error_s)
-
-
-def servable_stale(entry: Entry) -> bool:
-    """Return whether `entry` may be served past its TTL: answers (200) may, not-found ones never.
-
-    A 404 kept through the stale windows would hide a product created meanwhile for an hour,
-    and cost a backend entry per unknown id for as long.
-    """
-    return entry.status == 200
-
-
-@dataclass(frozen=True, slots=True)
 class Lookup:
     """What a fetch answered with, and how: HIT, MISS, STALE or BYPASS, and the entry's age."""
 
@@ -123,6 +74,9 @@ class Lookup:
 
 
 Compute = Callable[[], Awaitable[Entry]]
+
+# What a fetch that shared another's lookup counts as: the state it answers with.
+_SHARED_EVENTS = {"HIT": "hit", "STALE": "stale"}
 
 
 class CompositeCache:
@@ -145,6 +99,8 @@ class CompositeCache:
         self._compress_min_bytes = compress_min_bytes
         self._max_body_bytes = max_body_bytes
         self._flights: dict[str, asyncio.Future[Lookup]] = {}
+        self._computing: set[str] = set()
+        """Keys whose flight in this process found no answer to serve: a fan-out, or a wait."""
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned_at = float("-inf")
@@ -165,8 +121,12 @@ class CompositeCache:
         ask = _Ask(key, tags, policy, compute)
         if bypass:
             return await self._bypass(ask)
+        if not policy.stores:
+            # Nothing this endpoint answers is ever stored: no read could find anything, and no
+            # lock would guard a write. The backend is not asked at all.
+            self._event("bypass")
+            return Lookup(await compute(), "BYPASS", 0.0, 0.0, False)
         near = self.near
-        generation = 0
         if near is not None:
             now = self._clock()
             held = near.get(key, now)
@@ -176,20 +136,7 @@ class CompositeCache:
                 age = max(0.0, now - held.written_at)
                 return Lookup(held, "HIT", age, max(0.0, policy.ttl_for(held) - age), False)
             near.start()
-            generation = near.generation
-        cached = await self._get(key)
-        if cached is not None:
-            age = max(0.0, self._clock() - cached.written_at)
-            ttl = policy.ttl_for(cached)
-            if age < ttl:
-                self._event("hit")
-                self._hold(ask, cached, generation)
-                return Lookup(cached, "HIT", age, ttl - age, False)
-            if servable_stale(cached) and age < ttl + policy.stale_while_revalidate_s:
-                self._event("stale")
-                self._revalidate(ask, cached)
-                return Lookup(cached, "STALE", age, 0.0, False)
-        return await self._single_flight(ask, deadline, cached)
+        return await self._single_flight(ask, deadline)
 
     async def purge(self, *, keys: Sequence[str] = (), tags: Sequence[str] = ()) -> int:
         """Delete the given keys and every key under the given tags; return how many existed.
@@ -222,27 +169,38 @@ class CompositeCache:
 
     # --- miss: single-flight ------------------------------------------------------------------
 
-    async def _single_flight(self, ask: _Ask, deadline: float, cached: Entry | None) -> Lookup:
+    async def _single_flight(self, ask: _Ask, deadline: float) -> Lookup:
         loop = asyncio.get_running_loop()
         # Bounded: a fetch waits again only when the leader it waited for was cancelled.
-        for _ in range(_MAX_LEADS):
+        for attempt in range(_MAX_LEADS):
             flight = self._flights.get(ask.key)
             if flight is None:
-                return await self._fly(ask, deadline, cached)
-            self._event("singleflight_wait")
+                return await self._fly(ask, deadline, waited=attempt > 0)
+            # One lookup per key in flight in this process: a hot key's hits share one read.
+            # A wait for a fan-out is reported as it starts; one for a read, by what it read.
+            told = ask.key in self._computing
+            if told:
+                self._event("singleflight_wait")
             await asyncio.wait((flight,), timeout=max(0.0, deadline - loop.time()))
             if not flight.done():
+                if not told:
+                    self._event("singleflight_wait")
                 break  # Our deadline came first: answer for ourselves (compute is bounded too).
             if not flight.cancelled():
-                return flight.result()  # The leader's answer, or its deadline's TimeoutError.
-        return await self._compute(ask, cached, lock="")
+                lookup = flight.result()  # The leader's answer, or its deadline's TimeoutError.
+                if not told:
+                    self._event(_SHARED_EVENTS.get(lookup.state, "singleflight_wait"))
+                return lookup
+            if not told:
+                self._event("singleflight_wait")
+        return await self._compute(ask, None, lock="")
 
-    async def _fly(self, ask: _Ask, deadline: float, cached: Entry | None) -> Lookup:
+    async def _fly(self, ask: _Ask, deadline: float, waited: bool) -> Lookup:
         """Lead the flight for `key`: every fetch of it that arrives meanwhile gets our answer."""
         flight: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
         self._flights[ask.key] = flight
         try:
-            lookup = await self._lead(ask, deadline, cached)
+            lookup = await self._lead(ask, deadline, waited)
         except asyncio.CancelledError:
             flight.cancel()  # Followers see it and one of them leads in our place.
             raise
@@ -261,16 +219,56 @@ class CompositeCache:
         finally:
             if self._flights.get(ask.key) is flight:
                 del self._flights[ask.key]
+                self._computing.discard(ask.key)
 
-    async def _lead(self, ask: _Ask, deadline: float, cached: Entry | None) -> Lookup:
-        """Compute under the cross-process lock, or wait for the process that holds it."""
-        self._event("miss")
+    async def _lead(self, ask: _Ask, deadline: float, waited: bool) -> Lookup:
+        """Serve the stored entry, or compute under the cross-process lock taken with the same
+        read (one round trip), or wait for the process that holds it. After a wait for another
+        fetch's fan-out (`waited`), a fresh entry is the MISS that fan-out answered."""
         loop = asyncio.get_running_loop()
         token = uuid.uuid4().hex
+        generation = self._generation()
+        now = self._clock()
+        hold = max(0.0, deadline - loop.time()) + LOCK_MARGIN_S
+        try:
+            got, data = await self.store.lookup(ask.key, token, hold, ask.policy.windows, now)
+        except CacheUnavailable as exc:
+            self._failed(exc)
+            self._event("miss")
+            self._computing.add(ask.key)
+            # With our token: a lookup that timed out may still have taken the lock in Redis, and
+            # storing the value releases it instead of leaving the others to wait for its expiry.
+            return await self._compute(ask, None, lock=token)
+        cached = self._decode(data)
+        if cached is not None and servable(data or b"", ask.policy.windows, now):
+            age = max(0.0, now - cached.written_at)
+            if got:
+                await self._release(ask.key, token)  # Never taken by a store that agrees.
+            ttl = ask.policy.ttl_for(cached)
+            if age < ttl:
+                self._event("hit")
+                self._hold(ask, cached, generation)
+                return Lookup(cached, "MISS" if waited else "HIT", age, ttl - age, False)
+            self._event("stale")
+            self._revalidate(ask, cached)
+            return Lookup(cached, "STALE", age, 0.0, False)
+        self._event("miss")
+        self._computing.add(ask.key)
+        if got:
+            return await self._compute(ask, cached, lock=token)
+        self._event("singleflight_wait")
+        return await self._wait(ask, deadline, cached, token)
+
+    async def _wait(self, ask: _Ask, deadline: float, cached: Entry | None, token: str) -> Lookup:
+        """Poll for the value another process computes, taking the lock if it lets go first."""
+        loop = asyncio.get_running_loop()
         pause = _POLL_FIRST_S
-        waiting = False
         failures = 0
         for _ in range(_MAX_POLLS):
+            if loop.time() + pause >= deadline:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX_S)
             generation = self._generation()
             try:
                 got, data = await self.store.acquire(
@@ -279,31 +277,23 @@ class CompositeCache:
             except CacheUnavailable as exc:
                 self._failed(exc)
                 failures += 1
-                # Before the lock is seen held, a failure says Redis is down or slow: compute now.
-                # While another process holds it, its value is on the way: a few failed polls
-                # (a busy host's, often) are waited through rather than computing a second time.
-                if not waiting or failures >= _MAX_POLL_FAILURES:
+                # While another process holds the lock, its value is on the way: a few failed
+                # polls (a busy host's, often) are waited through rather than computing twice.
+                if failures >= _MAX_POLL_FAILURES:
                     break
-            else:
-                failures = 0
-                # Read with the lock: another process may have stored the value since our read.
-                landed = self._landed(self._decode(data), ask.policy, cached)
+                continue
+            failures = 0
+            # Read with the lock: another process may have stored the value since our read.
+            landed = self._landed(self._decode(data), ask.policy, cached)
+            if landed is not None:
+                self._hold(ask, landed.entry, generation)
+            if got:
                 if landed is not None:
-                    self._hold(ask, landed.entry, generation)
-                if got:
-                    if landed is not None:
-                        await self._release(ask.key, token)
-                        return landed
-                    return await self._compute(ask, cached, lock=token)
-                if landed is not None:
+                    await self._release(ask.key, token)
                     return landed
-                if not waiting:
-                    waiting = True
-                    self._event("singleflight_wait")
-            if loop.time() + pause >= deadline:
-                break
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, _POLL_MAX_S)
+                return await self._compute(ask, cached, lock=token)
+            if landed is not None:
+                return landed
         # With our token: an acquire that timed out may still have taken the lock in Redis, and
         # storing the value releases it instead of leaving the others to wait for its expiry.
         return await self._compute(ask, cached, lock=token)
@@ -486,24 +476,27 @@ class CompositeCache:
             self.on_event(name)
 
 
-def open_cache(cfg: CacheConfig) -> CompositeCache:
-    """Return the cache `cfg.url` names (`memory://`, `redis://`, `rediss://`,
-    `redis+cluster://host:port`), with its near tier if `cfg.near` asks for one; no connection
-    is made until it is used (the near tier subscribes to purges at the first fetch)."""
+def open_cache(settings: CacheSettings) -> CompositeCache:
+    """Return the cache `settings.url` names (`memory://`, `redis://`, `rediss://`,
+    `redis+cluster://host:port`), with its near tier if `settings.near` asks for one; no
+    connection is made until it is used (the near tier subscribes to purges at the first fetch)."""
     store: Store
     near = None
-    if urlsplit(cfg.url).scheme == "memory":
-        store = MemoryStore(cfg.memory_max_entries, cfg.memory_max_bytes)
+    if urlsplit(settings.url).scheme == "memory":
+        store = MemoryStore(settings.memory_max_entries, settings.memory_max_bytes)
     else:
         redis = redis_store(
-            cfg.url, cfg.key_prefix, cfg.op_timeout_ms / 1000, stored_limit(cfg.max_entry_bytes)
+            settings.url,
+            settings.key_prefix,
+            settings.op_timeout_s,
+            stored_limit(settings.max_entry_bytes),
         )
-        if cfg.near is not None:
-            near = NearCache(cfg.near.max_entries, cfg.near.ttl_s, redis.listen)
+        if settings.near is not None:
+            near = NearCache(settings.near.max_entries, settings.near.ttl_s, redis.listen)
         store = redis
     return CompositeCache(
         store,
-        compress_min_bytes=cfg.compress_min_bytes,
-        max_body_bytes=cfg.max_entry_bytes,
+        compress_min_bytes=settings.compress_min_bytes,
+        max_body_bytes=settings.max_entry_bytes,
         near=near,
     )

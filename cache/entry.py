@@ -92,6 +92,25 @@ def decode(data: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> Entry:
     return Entry(status, body, bool(flags & _COMPLETE), written_at, etag)
 
 
+def servable(data: bytes, windows: tuple[float, float, float], now: float) -> bool:
+    """Return whether the entry stored in `data` is young enough at `now` to be served without a
+    fan-out: `windows` are the ages allowed for complete, partial and not-found entries (the same
+    test the Redis lookup script makes, so that both always agree)."""
+    try:
+        magic, version, flags, status, written_at, _ = _HEADER.unpack_from(data)
+    except struct.error:
+        return False
+    if magic != _MAGIC or version != _VERSION:
+        return False
+    if status == 200:
+        window = windows[0] if flags & _COMPLETE else windows[1]
+    elif status == 404:
+        window = windows[2]
+    else:
+        return False
+    return max(0.0, now - written_at) < window
+
+
 def _inflate(packed: bytes, limit: int) -> bytes:
     """Return `packed` inflated; raise `CorruptEntry` once more than `limit` bytes came out (so a
     bomb costs `limit` and a step, counted as the bytes come out of the decoder) or if bad."""

@@ -7,6 +7,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from cache.entry import servable
+
 
 class MemoryStore:
     """A `Store` in a dict: expiry by clock, LRU eviction past `max_entries` or `max_bytes`."""
@@ -62,6 +64,16 @@ class MemoryStore:
             return False, await self.get(key)
         self._locks[key] = (token, now + hold_s)
         return True, await self.get(key)
+
+    async def lookup(
+        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+    ) -> tuple[bool, bytes | None]:
+        """Return the bytes stored under `key`, and whether the lock was taken: only tried when
+        they are not an entry `windows` say may be served at `now`."""
+        data = await self.get(key)
+        if data is not None and servable(data, windows, now):
+            return False, data
+        return await self.acquire(key, token, hold_s)
 
     async def release(self, key: str, token: str) -> bool:
         """Release the lock on `key` if `token` holds it; return whether it did."""

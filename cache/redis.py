@@ -15,7 +15,7 @@ import structlog
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 try:
     from redis.driver_info import DriverInfo
@@ -66,6 +66,34 @@ local data = redis.call('getrange', KEYS[1], 0, ARGV[3])
 if data == '' then data = false end
 return {got and 1 or 0, data}
 """
+# A fetch's one round trip before its fan-out: the entry, and the lock only when the entry may
+# not be served as it is. The test is `cache.entry.servable`'s, on the entry's header (magic,
+# version, flags, status, written_at): ARGV[4] is the caller's clock, ARGV[5..7] the ages a
+# complete, a partial and a not-found entry may be served at. Keep the two in step.
+_LOOKUP = """
+local data = redis.call('getrange', KEYS[1], 0, ARGV[3])
+if data ~= '' then
+  local ok, magic, version, flags, status, written = pcall(struct.unpack, '>c2BBHd', data)
+  if ok and magic == 'GW' and version == 1 then
+    local window = 0
+    if status == 200 then
+      if flags % 2 == 1 then window = tonumber(ARGV[5]) else window = tonumber(ARGV[6]) end
+    elseif status == 404 then
+      window = tonumber(ARGV[7])
+    end
+    local age = tonumber(ARGV[4]) - written
+    if age < 0 then age = 0 end
+    if age < window then return {0, data} end
+  end
+else
+  data = false
+end
+local got = redis.call('set', KEYS[2], ARGV[1], 'nx', 'px', ARGV[2])
+if not got and redis.call('get', KEYS[2]) == ARGV[1] then
+  got = redis.call('set', KEYS[2], ARGV[1], 'xx', 'px', ARGV[2])
+end
+return {got and 1 or 0, data}
+"""
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -107,6 +135,13 @@ class RedisStore:
         self._in_flight = (
             asyncio.Semaphore(MAX_CONNECTIONS) if isinstance(client, RedisCluster) else None
         )
+        # Called by SHA (EVALSHA); redis-py loads a script again when a server answers NOSCRIPT
+        # (a restart, a SCRIPT FLUSH, a new cluster node), to all primaries of a cluster.
+        self._lookup_script = client.register_script(_LOOKUP)
+        self._acquire_script = client.register_script(_ACQUIRE)
+        self._release_script = client.register_script(_RELEASE)
+        self._put_script = client.register_script(_PUT_AND_UNLOCK)
+        self._tag_script = client.register_script(_TAG)
         self._discovery: asyncio.Task[None] | None = None
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._leak_logged_at = float("-inf")
@@ -128,15 +163,55 @@ class RedisStore:
     ) -> None:
         """Store `data` for `keep_s` seconds, add `key` to its tags' sets, release `unlock`."""
         keep_ms = max(1, int(keep_s * 1000))
+        entry, lock = self._entry(key), self._lock(key)
+        if not tags:
+            await self._run(
+                "put", lambda: self._put_script(keys=(entry, lock), args=(data, keep_ms, unlock))
+            )
+            return
 
-        async def work() -> object:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.eval(_PUT_AND_UNLOCK, 2, self._entry(key), self._lock(key), data, keep_ms, unlock)
-            for tag in tags:
-                pipe.eval(_TAG, 1, self._tag(tag), key, keep_ms)
-            return await pipe.execute()
+        async def spread() -> None:
+            # A Cluster pipeline refuses EVALSHA, and would split by node anyway: each script
+            # goes to its slot's node at the same time.
+            await asyncio.gather(
+                self._put_script(keys=(entry, lock), args=(data, keep_ms, unlock)),
+                *(self._tag_script(keys=(self._tag(t),), args=(key, keep_ms)) for t in tags),
+            )
 
-        await self._run("put", work)
+        async def work() -> None:
+            # One round trip: the scripts by SHA in one pipeline. redis-py
+            # would check that a pipeline's scripts exist first (SCRIPT EXISTS, a round trip of
+            # its own) on every execute: a NOSCRIPT is rare enough to load them after it instead.
+            for attempt in (1, 2):
+                pipe = self._client.pipeline(transaction=False)
+                pipe.evalsha(self._put_script.sha, 2, entry, lock, data, keep_ms, unlock)
+                for tag in tags:
+                    pipe.evalsha(self._tag_script.sha, 1, self._tag(tag), key, keep_ms)
+                results = await pipe.execute(raise_on_error=False)
+                failed = [r for r in results if isinstance(r, Exception)]
+                if not failed:
+                    return
+                if attempt == 1 and all(isinstance(r, NoScriptError) for r in failed):
+                    # Every script is idempotent: the whole pipeline runs again once loaded.
+                    for script in (self._put_script, self._tag_script):
+                        await self._client.script_load(script.script)
+                    continue
+                raise failed[0]
+
+        await self._run("put", spread if self._in_flight is not None else work)
+
+    async def lookup(
+        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+    ) -> tuple[bool, bytes | None]:
+        """Return the entry's bytes (read as `get` reads them) and, only when `windows` say it
+        may not be served at `now` (`cache.entry.servable`), whether the lock on `key` was taken
+        for `hold_s` seconds, as `acquire` takes it: one script, one round trip."""
+        hold_ms = max(1, int(hold_s * 1000))
+        keys = (self._entry(key), self._lock(key))
+        args: tuple[str | int, ...] = (token, hold_ms, self._last_byte, repr(now))
+        args += tuple(map(repr, windows))
+        got, data = await self._run("lookup", lambda: self._lookup_script(keys=keys, args=args))
+        return bool(got), data or None
 
     async def acquire(self, key: str, token: str, hold_s: float) -> tuple[bool, bytes | None]:
         """Take the lock on `key` (SET NX PX) unless another token holds it; return whether it was
@@ -145,8 +220,8 @@ class RedisStore:
         hold_ms = max(1, int(hold_s * 1000))
         got, data = await self._run(
             "acquire",
-            lambda: self._client.eval(
-                _ACQUIRE, 2, self._entry(key), self._lock(key), token, hold_ms, self._last_byte
+            lambda: self._acquire_script(
+                keys=(self._entry(key), self._lock(key)), args=(token, hold_ms, self._last_byte)
             ),
         )
         return bool(got), data
@@ -154,7 +229,7 @@ class RedisStore:
     async def release(self, key: str, token: str) -> bool:
         """Release the lock on `key` if `token` holds it (compare-and-delete); return whether."""
         done = await self._run(
-            "release", lambda: self._client.eval(_RELEASE, 1, self._lock(key), token)
+            "release", lambda: self._release_script(keys=(self._lock(key),), args=(token,))
         )
         return bool(done)
 

@@ -34,6 +34,14 @@ class Store(Protocol):
         return whether it was taken and the bytes stored under `key` now (one round trip)."""
         ...
 
+    async def lookup(
+        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+    ) -> tuple[bool, bytes | None]:
+        """Return the bytes stored under `key` and, unless they hold an entry that `windows` say
+        may be served at `now` (`cache.entry.servable`), take the lock as `acquire` does and say
+        whether it was taken; without the lock tried, False (one round trip)."""
+        ...
+
     async def release(self, key: str, token: str) -> bool:
         """Release the lock on `key` if `token` holds it; return whether it did."""
         ...

@@ -8,8 +8,15 @@ from dataclasses import dataclass
 
 import structlog
 
-from cache.composite import CachePolicy, CompositeCache, open_cache
-from gateway.config import GatewayConfig, LoadedConfig, SourceConfig
+from cache.composite import CompositeCache, open_cache
+from cache.policy import CachePolicy, CacheSettings, NearSettings
+from gateway.config import (
+    CacheConfig,
+    EndpointCache,
+    GatewayConfig,
+    LoadedConfig,
+    SourceConfig,
+)
 from gateway.executor import Composite
 from gateway.metrics import Metrics
 from gateway.plan import EndpointPlan, Guarded, build_plans, guard, open_upstream
@@ -85,15 +92,45 @@ async def start(
     if previous is not None and previous.loaded.config.cache == config.cache:
         cache = previous.cache
     else:
-        cache = open_cache(config.cache)
+        cache = open_cache(cache_settings(config.cache))
     cache.on_event = _cache_observer(metrics, stats)
+    # An endpoint whose answers can never be stored is served as an uncached one (BYPASS).
     policies = {
-        p.id: CachePolicy.from_config(p.config.cache) for p in by_id.values() if p.config.cache
+        p.id: policy
+        for p in by_id.values()
+        if p.config.cache and (policy := cache_policy(p.config.cache)).stores
     }
     sources = {name: g.call for name, g in guards.items()}
     stats.sync(config)
     return Runtime(
         loaded, by_id, {**kept, **opened}, guards, sources, cache, policies, metrics, stats
+    )
+
+
+def cache_settings(cfg: CacheConfig) -> CacheSettings:
+    """Return the cache's own settings for a `cache:` block."""
+    near = cfg.near
+    return CacheSettings(
+        url=cfg.url,
+        key_prefix=cfg.key_prefix,
+        op_timeout_s=cfg.op_timeout_ms / 1000,
+        memory_max_entries=cfg.memory_max_entries,
+        memory_max_bytes=cfg.memory_max_bytes,
+        compress_min_bytes=cfg.compress_min_bytes,
+        max_entry_bytes=cfg.max_entry_bytes,
+        near=None if near is None else NearSettings(near.max_entries, near.ttl_s),
+    )
+
+
+def cache_policy(cfg: EndpointCache) -> CachePolicy:
+    """Return the cache policy an endpoint's `cache:` block describes."""
+    return CachePolicy(
+        ttl_s=float(cfg.ttl_s),
+        partial_ttl_s=float(cfg.partial_ttl_s),
+        stale_while_revalidate_s=float(cfg.stale_while_revalidate_s),
+        stale_if_error_s=float(cfg.stale_if_error_s),
+        not_found_ttl_s=float(cfg.not_found_ttl_s),
+        allow_client_bypass=cfg.allow_client_bypass,
     )
 
 

@@ -25,12 +25,13 @@ import pytest
 import redis
 import redis.asyncio
 
-from cache.composite import CachePolicy, open_cache
+from cache.composite import open_cache
 from cache.entry import Entry, decode, encode, make_entry
+from cache.policy import CachePolicy, CacheSettings
 from cache.redis import redis_store
 from gateway import edge
 from gateway.app import create_app
-from gateway.config import CacheConfig, LoadedConfig
+from gateway.config import LoadedConfig
 from gateway.simulator import Simulators
 from tests.config_files import GENEROUS
 from tests.redis_servers import Cluster
@@ -296,7 +297,7 @@ async def test_a_cluster_master_killed_under_a_burst_of_cache_operations_costs_o
 ) -> None:
     # The client's races during re-discovery are rare: a burst (hundreds of fetches a second,
     # the default 20 ms op timeout abandoning some) meets them a few times per run.
-    cache = open_cache(CacheConfig(url=cluster.url, key_prefix="burst:"))
+    cache = open_cache(CacheSettings(url=cluster.url, key_prefix="burst:"))
     policy = CachePolicy(60, 5, 300, 3600, 30, False)
     loop = asyncio.get_running_loop()
     outcomes: Counter[str] = Counter()

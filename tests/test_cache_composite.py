@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from cache.composite import CachePolicy, CompositeCache
+from cache.composite import CompositeCache
 from cache.entry import Entry, encode, etag_of
 from cache.memory import MemoryStore
+from cache.policy import CachePolicy
 from cache.redis import redis_store
 from cache.store import CacheUnavailable, Store
 from gateway.config import EndpointCache
+from gateway.runtime import cache_policy
 
 POLICY = CachePolicy(
     ttl_s=60,
@@ -110,7 +112,7 @@ async def fetch(
     return lookup.state, lookup.entry.status, lookup.entry.body
 
 
-def test_policy_from_config_takes_every_field() -> None:
+def test_policy_of_a_cache_block_takes_every_field() -> None:
     cfg = EndpointCache(
         ttl_s=60,
         partial_ttl_s=5,
@@ -120,7 +122,7 @@ def test_policy_from_config_takes_every_field() -> None:
         allow_client_bypass=True,
         tags=("product:{id}",),
     )
-    assert CachePolicy.from_config(cfg) == CachePolicy(60, 5, 300, 3600, 7, True)
+    assert cache_policy(cfg) == CachePolicy(60, 5, 300, 3600, 7, True)
 
 
 async def test_miss_then_hit_until_ttl(cache: CompositeCache, clock: Clock) -> None:
@@ -501,7 +503,8 @@ async def test_a_bug_in_a_background_refresh_is_logged_and_keeps_the_stale_copy(
 
 
 class FlakyAcquires:
-    """A store whose `acquire` calls fail (`CacheUnavailable`) at the given call numbers."""
+    """A store whose lock-taking calls (`lookup`, then `acquire`) fail (`CacheUnavailable`) at
+    the given call numbers."""
 
     def __init__(self, inner: Store, failing: set[int]) -> None:
         self.inner = inner
@@ -516,6 +519,14 @@ class FlakyAcquires:
         if self.acquires in self.failing:
             raise CacheUnavailable("scripted: timed out")
         return await self.inner.acquire(key, token, hold_s)
+
+    async def lookup(
+        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+    ) -> tuple[bool, bytes | None]:
+        self.acquires += 1
+        if self.acquires in self.failing:
+            raise CacheUnavailable("scripted: timed out")
+        return await self.inner.lookup(key, token, hold_s, windows, now)
 
 
 @pytest.mark.parametrize(

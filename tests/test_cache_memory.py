@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from cache.composite import CachePolicy, CompositeCache, open_cache
+from cache.composite import CompositeCache, open_cache
 from cache.entry import Entry, make_entry
 from cache.memory import MemoryStore
-from gateway.config import CacheConfig
+from cache.policy import CachePolicy, CacheSettings
 
 
 class Clock:
@@ -73,7 +73,7 @@ async def test_put_releases_only_the_holders_lock() -> None:
 
 
 async def test_open_cache_memory_url_bounds_the_store_from_config() -> None:
-    cache = open_cache(CacheConfig(url="memory://", memory_max_entries=2))
+    cache = open_cache(CacheSettings(url="memory://", memory_max_entries=2))
     assert isinstance(cache.store, MemoryStore)
     policy = CachePolicy(60, 0, 0, 0, 10, False)
 

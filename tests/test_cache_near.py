@@ -13,9 +13,10 @@ import pydantic
 import pytest
 import redis
 
-from cache.composite import CachePolicy, CompositeCache, open_cache
+from cache.composite import CompositeCache, open_cache
 from cache.entry import Entry, decode, etag_of
 from cache.near import NearCache, OnPurge
+from cache.policy import CachePolicy, CacheSettings, NearSettings
 from cache.redis import RedisStore, redis_store
 from gateway.config import CacheConfig, NearCacheConfig
 from tests.redis_servers import stop
@@ -76,6 +77,12 @@ class Counting:
     async def acquire(self, key: str, token: str, hold_s: float) -> tuple[bool, bytes | None]:
         self.calls["acquire"] += 1
         return await self.inner.acquire(key, token, hold_s)
+
+    async def lookup(
+        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+    ) -> tuple[bool, bytes | None]:
+        self.calls["lookup"] += 1
+        return await self.inner.lookup(key, token, hold_s, windows, now)
 
     async def release(self, key: str, token: str) -> bool:
         self.calls["release"] += 1
@@ -219,9 +226,9 @@ async def test_a_hit_read_from_redis_is_held_for_the_next_request(
     await writer.fetch("k", [], POLICY, compute, deadline=soon())
     await subscribed(reader)
     assert (await reader.fetch("k", [], POLICY, compute, deadline=soon())).state == "HIT"
-    gets = store.calls["get"]
+    reads = store.calls["lookup"]
     assert (await reader.fetch("k", [], POLICY, compute, deadline=soon())).state == "HIT"
-    assert store.calls["get"] == gets and compute.calls == 1
+    assert store.calls["lookup"] == reads and compute.calls == 1
 
 
 async def test_purge_through_one_instance_evicts_the_near_entries_of_another(
@@ -236,9 +243,9 @@ async def test_purge_through_one_instance_evicts_the_near_entries_of_another(
     assert len(near) == 2
     assert await one.purge(tags=["product:42"]) == 1
     await until(lambda: len(near) == 1, within_s=2)
-    gets = two_store.calls["get"]
+    reads = two_store.calls["lookup"]
     assert (await two.fetch("p7", ["product:7"], POLICY, compute, deadline=soon())).state == "HIT"
-    assert two_store.calls["get"] == gets  # the other key is still held
+    assert two_store.calls["lookup"] == reads  # the other key is still held
     again = await two.fetch("p42", ["product:42"], POLICY, compute, deadline=soon())
     assert (again.state, again.entry.body, compute.calls) == ("MISS", b'{"n":3}', 3)
     assert await one.purge(keys=["p7"]) == 1
@@ -255,13 +262,13 @@ async def test_near_entries_expire_by_their_own_ttl(
     await subscribed(cache)
     compute = Upstream(clock)
     await cache.fetch("k", [], POLICY, compute, deadline=soon())
-    gets = store.calls["get"]
+    reads = store.calls["lookup"]
     clock.now += 1.9
     assert (await cache.fetch("k", [], POLICY, compute, deadline=soon())).state == "HIT"
-    assert store.calls["get"] == gets
+    assert store.calls["lookup"] == reads
     clock.now += 0.2  # past the tier's 2 s, well within the entry's 60 s
     assert (await cache.fetch("k", [], POLICY, compute, deadline=soon())).state == "HIT"
-    assert store.calls["get"] == gets + 1 and compute.calls == 1
+    assert store.calls["lookup"] == reads + 1 and compute.calls == 1
     await cache.close()
 
 
@@ -281,18 +288,18 @@ async def test_near_entries_never_outlive_freshness_and_stale_is_never_held(
     compute = Upstream(clock, complete=complete)
     await cache.fetch("k", [], policy, compute, deadline=soon())
     clock.now += 1.9
-    gets = store.calls["get"]
+    reads = store.calls["lookup"]
     assert (await cache.fetch("k", [], policy, compute, deadline=soon())).state == "HIT"
-    assert store.calls["get"] == gets
+    assert store.calls["lookup"] == reads
     clock.now += 0.2  # past freshness, long before the tier's 10 s
     compute.status = 502  # the background refresh fails: nothing new to hold
     stale = await cache.fetch("k", [], policy, compute, deadline=soon())
     assert (stale.state, stale.entry.body) == ("STALE", b'{"n":1}')
-    assert store.calls["get"] == gets + 1
+    assert store.calls["lookup"] == reads + 1
     await until(lambda: compute.calls == 2)
     assert len(near) == 0
     again = await cache.fetch("k", [], policy, compute, deadline=soon())
-    assert again.state == "STALE" and store.calls["get"] == gets + 2
+    assert again.state == "STALE" and store.calls["lookup"] == reads + 2
 
 
 async def test_stale_if_error_answers_are_never_held(
@@ -334,10 +341,10 @@ async def test_lost_subscription_clears_the_tier_and_it_resumes_when_redis_retur
 ) -> None:
     port = free_port()
     server = throwaway(port)
-    cfg = CacheConfig(
+    cfg = CacheSettings(
         url=f"redis://127.0.0.1:{port}/0",
-        op_timeout_ms=200,
-        near=NearCacheConfig(max_entries=10, ttl_s=10),
+        op_timeout_s=0.2,
+        near=NearSettings(max_entries=10, ttl_s=10),
     )
     cache = open_cache(cfg)
     near = await subscribed(cache)
@@ -361,8 +368,8 @@ async def test_lost_subscription_clears_the_tier_and_it_resumes_when_redis_retur
 async def test_purge_reaches_the_near_tier_of_another_instance_on_a_cluster(
     cluster_url: str,
 ) -> None:
-    cfg = CacheConfig(
-        url=cluster_url, key_prefix="near:", op_timeout_ms=500, near=NearCacheConfig(ttl_s=10)
+    cfg = CacheSettings(
+        url=cluster_url, key_prefix="near:", op_timeout_s=0.5, near=NearSettings(ttl_s=10)
     )
     one, two = open_cache(cfg), open_cache(cfg)
     near = await subscribed(two)
@@ -403,7 +410,7 @@ async def test_compress_min_bytes_reaches_the_stored_bytes(
 
     for threshold, compressed in ((64, True), (4096, False)):
         cache = open_cache(
-            CacheConfig(url=redis_url, key_prefix=redis_prefix, compress_min_bytes=threshold)
+            CacheSettings(url=redis_url, key_prefix=redis_prefix, compress_min_bytes=threshold)
         )
         await cache.fetch(f"k{threshold}", [], POLICY, compute, deadline=soon())
         raw = redis.Redis.from_url(redis_url)

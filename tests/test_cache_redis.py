@@ -14,12 +14,12 @@ import redis
 from redis.crc import key_slot
 from structlog.testing import capture_logs
 
-from cache.composite import CachePolicy, CompositeCache, open_cache
+from cache.composite import CompositeCache, open_cache
 from cache.entry import Entry, make_entry
 from cache.memory import MemoryStore
+from cache.policy import CachePolicy, CacheSettings
 from cache.redis import RedisStore, redis_store
 from cache.store import CacheUnavailable, Store
-from gateway.config import CacheConfig
 from tests.redis_servers import stop
 from tests.support import free_port
 
@@ -215,7 +215,7 @@ def test_an_entry_and_its_lock_share_a_slot_and_braces_in_keys_do_not_move_it() 
 
 @pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
 async def test_redis_down_means_uncached_answers_and_a_failing_ping(scheme: str) -> None:
-    cache = open_cache(CacheConfig(url=f"{scheme}://127.0.0.1:{free_port()}"))
+    cache = open_cache(CacheSettings(url=f"{scheme}://127.0.0.1:{free_port()}"))
     events: list[str] = []
     cache.on_event = events.append
     compute = Counter()
@@ -243,7 +243,7 @@ async def test_slow_redis_costs_at_most_the_op_timeout_and_leaves_no_wrong_repli
     port = free_port()
     throwaway(port)
     url = f"redis://127.0.0.1:{port}/0"
-    cache = open_cache(CacheConfig(url=url, op_timeout_ms=20))
+    cache = open_cache(CacheSettings(url=url, op_timeout_s=0.02))
     store = redis_store(url, "gw:", 1.0)
     for i in range(20):
         await store.put(f"k{i}", b"v%d" % i, 60, [])
@@ -286,7 +286,7 @@ async def test_killed_and_restarted_redis_keeps_answering_and_caching_resumes(
 ) -> None:
     port = free_port()
     server = throwaway(port)
-    cache = open_cache(CacheConfig(url=f"redis://127.0.0.1:{port}/0", op_timeout_ms=20))
+    cache = open_cache(CacheSettings(url=f"redis://127.0.0.1:{port}/0", op_timeout_s=0.02))
     compute = Counter()
     latencies: dict[str, list[float]] = {"up": [], "down": [], "back": []}
 
@@ -327,6 +327,12 @@ class Leaky:
 
     async def eval(self, *args: object) -> object:
         raise self.exc
+
+    def register_script(self, script: str) -> Callable[..., Awaitable[object]]:
+        async def run(*args: object, **kwargs: object) -> object:
+            raise self.exc
+
+        return run
 
     async def smembers(self, *args: object) -> object:
         raise self.exc
@@ -385,7 +391,7 @@ async def on_cluster(cluster_url: str) -> AsyncIterator[list[CompositeCache]]:
     """Two caches on the throwaway cluster, each with its own key prefix per test."""
     prefix = f"t{random.randrange(1 << 30)}:"
     caches = [
-        open_cache(CacheConfig(url=cluster_url, key_prefix=prefix, op_timeout_ms=500))
+        open_cache(CacheSettings(url=cluster_url, key_prefix=prefix, op_timeout_s=0.5))
         for _ in range(2)
     ]
     yield caches
@@ -440,7 +446,7 @@ async def test_cluster_single_flight_across_instances(on_cluster: list[Composite
 async def test_cluster_cold_client_with_the_default_op_timeout_starts_caching(
     cluster_url: str,
 ) -> None:
-    cache = open_cache(CacheConfig(url=cluster_url, key_prefix=f"c{random.randrange(1 << 30)}:"))
+    cache = open_cache(CacheSettings(url=cluster_url, key_prefix=f"c{random.randrange(1 << 30)}:"))
     compute = Counter()
     states: list[set[str]] = []
     until = time.monotonic() + 10
