@@ -1,26 +1,285 @@
-"""Simulated upstream services (pricing, inventory, reviews, recs) with run-time faults.
+"""The fake upstream HTTP services, on loopback: the one used by tests, bench, reliability and the
+demo (it ships in the package because `gateway demo` runs it).
 
-Each service is an aiohttp.web app on its own port. Bodies are derived from the product id
-alone, so any two runs, processes or tests agree on them. A `Behaviour` (delay, jitter, error
-and hang rates) can be changed in-process or over HTTP on the same port (`POST /_control`).
-Run all four with `python -m gateway.simulator --port-base 9101`.
+`UpstreamServer` answers by path prefix with plain handler functions and records what it received;
+tests script it with the handler factories below:
+
+    async with UpstreamServer() as server:
+        server.route("/prices/", json_body({"amount": 1}))
+        server.route("/slow/", slow(5, json_body({})))
+        ... server.url, server.seen[-1].path ...
+
+The simulated product services (pricing, inventory, reviews, recs) are handlers served by it, one
+server each. Their bodies are derived from the product id alone, so any two runs, processes or
+tests agree on them. A `Behaviour` (delay, jitter, error and hang rates) can be changed
+in-process or over HTTP on the same port (`POST /_control`). Run all four with
+`python -m gateway.simulator --port-base 9101`.
+
+Every scripted wait is bounded and ends early when the server closes. One module over 300 lines,
+on purpose: it is the one fake upstream, and its two faces share the server and its handlers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import random
+import re
 import signal
+import socket
+import struct
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from types import TracebackType
 from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDictProxy
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+MAX_WAIT_S = 30.0
+"""The longest any scripted wait lasts when the server is not closed first."""
+
+_JSON = "application/json"
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request as the server received it: the raw target (path and query, undecoded)."""
+
+    method: str
+    target: str
+    headers: CIMultiDictProxy[str]
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+
+class UpstreamServer:
+    """A loopback aiohttp.web server whose answers are scripted per path prefix.
+
+    It sees the request target exactly as sent (no router decodes or normalizes it). `record`
+    keeps every request in `seen` (tests); `cancel_on_disconnect` cancels a handler whose client
+    hung up (a caller that gives up ends a hang, as a real service would notice).
+    """
+
+    def __init__(self, *, record: bool = True, cancel_on_disconnect: bool = False) -> None:
+        self.routes: dict[str, Handler] = {}
+        self.seen: list[Seen] = []
+        self.closing = asyncio.Event()
+        self.url = ""
+        self._record = record
+        self._cancel = cancel_on_disconnect
+        self._arrived = asyncio.Event()
+        self._runner: web.ServerRunner | None = None
+
+    def route(self, prefix: str, handler: Handler) -> None:
+        """Answer requests whose raw target starts with `prefix` (the longest prefix wins)."""
+        self.routes[prefix] = handler
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on `host`:`port` (0, the default, picks a free port); return the base URL."""
+        server = web.Server(self._handle, handler_cancellation=self._cancel, access_log=None)
+        self._runner = web.ServerRunner(server, shutdown_timeout=2.0)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host, port, backlog=1024).start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        self.url = f"http://{bound_host}:{bound_port}"
+        return self.url
+
+    async def close(self) -> None:
+        """Release every waiting handler, then stop listening and close connections."""
+        self.closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def wait_seen(self, count: int) -> None:
+        """Wait until at least `count` requests have arrived (at most 5 s, then TimeoutError)."""
+        async with asyncio.timeout(5.0):
+            while len(self.seen) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    async def __aenter__(self) -> UpstreamServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._record:
+            self.seen.append(Seen(request.method, request.raw_path, request.headers))
+            self._arrived.set()
+        _serving.set(self)
+        matches = [p for p in self.routes if request.raw_path.startswith(p)]
+        if not matches:
+            return web.Response(status=404, body=b'{"error": "no route"}', content_type=_JSON)
+        return await self.routes[max(matches, key=len)](request)
+
+
+# Set by the server around each handler (same task), so handlers can wait on its `closing`.
+_serving: ContextVar[UpstreamServer] = ContextVar("serving")
+
+
+async def idle(seconds: float) -> None:
+    """Sleep up to `seconds` (at most MAX_WAIT_S), ending early when the serving server closes."""
+    try:
+        async with asyncio.timeout(min(seconds, MAX_WAIT_S)):
+            await _serving.get().closing.wait()
+    except TimeoutError:
+        pass
+
+
+# --- scripted answers --------------------------------------------------------------------------
+
+
+def json_body(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Handler:
+    """Answer with `data` encoded as JSON."""
+    return raw(orjson.dumps(data), status, headers)
+
+
+def raw(body: bytes, status: int = 200, headers: Mapping[str, str] | None = None) -> Handler:
+    """Answer with exactly `body` (Content-Length set), labelled as JSON."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+    return handle
+
+
+def echo() -> Handler:
+    """Answer with the raw target and the request headers, as JSON."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        return web.json_response({"target": request.raw_path, "headers": dict(request.headers)})
+
+    return handle
+
+
+def slow(seconds: float, then: Handler) -> Handler:
+    """Wait `seconds` (bounded, ends when the server closes) before answering like `then`."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        await idle(seconds)
+        return await then(request)
+
+    return handle
+
+
+def hang() -> Handler:
+    """Never answer, until the server closes."""
+    return slow(MAX_WAIT_S, raw(b"null"))
+
+
+def chunked(chunks: list[bytes], pause_s: float = 0.0) -> Handler:
+    """Stream `chunks` chunked (no Content-Length); stop quietly if the client hangs up."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": _JSON})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        try:
+            for chunk in chunks:
+                await resp.write(chunk)
+                if pause_s:
+                    await idle(pause_s)
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client hung up mid-stream, which is what some tests script
+        return resp
+
+    return handle
+
+
+def stall_mid_body(seconds: float, declared: int = 1000, sent: bytes = b'{"a": ') -> Handler:
+    """Send headers and the start of a body, then wait `seconds` before closing the connection."""
+    return _partial(declared, sent, seconds, reset=False)
+
+
+def truncated(declared: int = 1000, sent: bytes = b'{"a": ') -> Handler:
+    """Declare `declared` bytes, send fewer, then close the connection cleanly (FIN)."""
+    return _partial(declared, sent, 0.0, reset=False)
+
+
+def reset_mid_body(declared: int = 1000, sent: bytes = b'{"a": ') -> Handler:
+    """Declare `declared` bytes, send fewer, then reset the connection (RST)."""
+    return _partial(declared, sent, 0.0, reset=True)
+
+
+def _partial(declared: int, sent: bytes, wait_s: float, reset: bool) -> Handler:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": _JSON, "Content-Length": str(declared)})
+        await resp.prepare(request)
+        await resp.write(sent)
+        # Let the client read headers and the first bytes before the connection goes.
+        await idle(max(wait_s, 0.05))
+        transport = request.transport
+        if transport is not None:
+            if reset:
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+            else:
+                transport.close()
+        return resp
+
+    return handle
+
+
+COOKIES = (
+    "sid=upstream-session-1; Path=/",
+    "tenant=upstream-2; Path=/; Domain=localhost",
+    "token=upstream-3; Path=/; Max-Age=3600; HttpOnly",
+    "wide=upstream-4; Path=/; Domain=127.0.0.1",
+)
+"""Set-Cookie values a hostile upstream sends; none may ever come back in a `Cookie` header."""
+
+
+def set_cookies(then: Handler) -> Handler:
+    """Answer like `then`, with every one of `COOKIES` added as its own Set-Cookie header."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        resp = await then(request)
+        for cookie in COOKIES:
+            resp.headers.add("Set-Cookie", cookie)
+        return resp
+
+    return handle
+
+
+@lru_cache(maxsize=4)
+def gzip_bomb(inflated: int) -> bytes:
+    """Return a gzip body of about `inflated / 1000` bytes that inflates to `inflated` zeros."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [packer.compress(block) for _ in range(inflated // len(block))]
+    parts.append(packer.compress(bytes(inflated % len(block))))
+    parts.append(packer.flush())
+    return b"".join(parts)
+
+
+# --- the simulated product services ------------------------------------------------------------
 
 SERVICES = ("pricing", "inventory", "reviews", "recs")
 """The simulated services, in the order of `--port-base` ports."""
@@ -28,7 +287,7 @@ SERVICES = ("pricing", "inventory", "reviews", "recs")
 MAX_ID = 1_000_000
 """Ids 1..MAX_ID exist upstream; anything else is a 404."""
 
-HANG_S = 30.0
+HANG_S = MAX_WAIT_S
 """How long a hanging request sleeps: far beyond any deadline a gateway would set."""
 
 _WAREHOUSES = ("north", "south", "east", "west")
@@ -40,7 +299,6 @@ _REVIEW_TEXTS = (
     "Not for me.",
     "Great value.",
 )
-_JSON = "application/json"
 
 
 @dataclass
@@ -78,7 +336,6 @@ class Service:
     errors: int = 0
     hangs: int = 0
     rng: random.Random = field(init=False)
-    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -146,24 +403,25 @@ def recs_body(product_id: int, category: str) -> bytes:
     return orjson.dumps({"product_ids": ids, "category": category})
 
 
-# --- apps ----------------------------------------------------------------------------------
+# --- their handlers ----------------------------------------------------------------------------
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Body = Callable[[web.BaseRequest, int], bytes]
 
 _NOT_FOUND = orjson.dumps({"error": "not_found"})
 _UNAVAILABLE = orjson.dumps({"error": "unavailable"})
 
 
-def _product_id(request: web.Request) -> int | None:
-    raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 7:
-        return None
-    product_id = int(raw)
-    return product_id if 1 <= product_id <= MAX_ID else None
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=_JSON)
 
 
-def _served(service: Service, body: Callable[[web.Request, int], bytes]) -> Handler:
-    async def handle(request: web.Request) -> web.StreamResponse:
+def _served(service: Service, path: re.Pattern[str], body: Body) -> Handler:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.method != "GET":
+            return _json(b'{"error": "method not allowed"}', 405)
+        found = path.fullmatch(request.path)
+        if found is None:
+            return _json(_NOT_FOUND, 404)
         service.requests += 1
         b = service.behaviour
         # Draws happen only when a fault is configured, so the fault-free path stays cheap
@@ -172,78 +430,89 @@ def _served(service: Service, body: Callable[[web.Request, int], bytes]) -> Hand
             draw = service.rng.random()
             if draw < b.hang_rate:
                 service.hangs += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(service.closing.wait(), HANG_S)
-                return web.Response(body=_UNAVAILABLE, status=503, content_type=_JSON)
+                await idle(HANG_S)
+                return _json(_UNAVAILABLE, 503)
             if draw < b.hang_rate + b.error_rate:
                 service.errors += 1
-                return web.Response(body=_UNAVAILABLE, status=503, content_type=_JSON)
+                return _json(_UNAVAILABLE, 503)
         if b.delay_ms or b.jitter_ms:
             spread = service.rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0.0
             await asyncio.sleep(max(0.0, b.delay_ms + spread) / 1000)
-        product_id = _product_id(request)
-        if product_id is None:
-            return web.Response(body=_NOT_FOUND, status=404, content_type=_JSON)
-        return web.Response(body=body(request, product_id), content_type=_JSON)
+        raw_id = found.group(1)
+        product_id = int(raw_id) if raw_id.isdigit() and len(raw_id) <= 7 else 0
+        if not 1 <= product_id <= MAX_ID:
+            return _json(_NOT_FOUND, 404)
+        return _json(body(request, product_id))
 
     return handle
 
 
-def _control_routes(service: Service) -> list[web.RouteDef]:
-    async def control(request: web.Request) -> web.Response:
+def _only(method: str, answer: Callable[[web.BaseRequest], Awaitable[web.Response]]) -> Handler:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.method != method:
+            return _json(b'{"error": "method not allowed"}', 405)
+        return await answer(request)
+
+    return handle
+
+
+def _control_routes(service: Service) -> dict[str, Handler]:
+    async def control(request: web.BaseRequest) -> web.Response:
         try:
             changes = orjson.loads(await request.read())
             if not isinstance(changes, dict):
                 raise ValueError("the body must be a JSON object")
             service.behaviour.update(changes)
         except (orjson.JSONDecodeError, ValueError) as exc:
-            return web.Response(
-                body=orjson.dumps({"error": str(exc)}), status=400, content_type=_JSON
-            )
-        return web.Response(body=orjson.dumps(vars(service.behaviour)), content_type=_JSON)
+            return _json(orjson.dumps({"error": str(exc)}), 400)
+        return _json(orjson.dumps(vars(service.behaviour)))
 
-    async def stats(request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(service.stats()), content_type=_JSON)
+    async def stats(request: web.BaseRequest) -> web.Response:
+        return _json(orjson.dumps(service.stats()))
 
-    async def reset(request: web.Request) -> web.Response:
+    async def reset(request: web.BaseRequest) -> web.Response:
         service.reset()
-        return web.Response(body=orjson.dumps(service.stats()), content_type=_JSON)
+        return _json(orjson.dumps(service.stats()))
 
-    return [
-        web.post("/_control", control),
-        web.get("/_stats", stats),
-        web.post("/_stats/reset", reset),
-    ]
+    return {
+        "/_control": _only("POST", control),
+        "/_stats": _only("GET", stats),
+        "/_stats/reset": _only("POST", reset),
+    }
 
 
-_ROUTES: dict[str, tuple[str, Callable[[web.Request, int], bytes]]] = {
-    "pricing": ("/prices/{id}", lambda r, i: price_body(i)),
-    "inventory": ("/stock/{id}", lambda r, i: stock_body(i)),
-    "reviews": ("/products/{id}/reviews", lambda r, i: reviews_body(i)),
-    "recs": ("/recommendations/{id}", lambda r, i: recs_body(i, r.query.get("category", ""))),
+_ROUTES: dict[str, tuple[str, str, Body]] = {
+    "pricing": ("/prices/", r"/prices/([^/]+)", lambda r, i: price_body(i)),
+    "inventory": ("/stock/", r"/stock/([^/]+)", lambda r, i: stock_body(i)),
+    "reviews": ("/products/", r"/products/([^/]+)/reviews", lambda r, i: reviews_body(i)),
+    "recs": (
+        "/recommendations/",
+        r"/recommendations/([^/]+)",
+        lambda r, i: recs_body(i, r.query.get("category", "")),
+    ),
 }
 
 
-def service_app(service: Service) -> web.Application:
-    """Return the aiohttp app of one simulated service, answering from `service`'s state."""
-    path, body = _ROUTES[service.name]
-    app = web.Application()
-    app.add_routes([web.get(path, _served(service, body)), *_control_routes(service)])
-    return app
+def serve_service(server: UpstreamServer, service: Service) -> None:
+    """Route one simulated service's paths on `server`, answering from `service`'s state."""
+    prefix, path, body = _ROUTES[service.name]
+    server.route(prefix, _served(service, re.compile(path), body))
+    for control_path, handler in _control_routes(service).items():
+        server.route(control_path, handler)
 
 
-# --- running -------------------------------------------------------------------------------
+# --- running them ------------------------------------------------------------------------------
 
 
 class Simulators:
     """The four services, started on loopback ports; `close()` stops them and ends any hang."""
 
     def __init__(
-        self, services: dict[str, Service], runners: list[web.AppRunner], urls: dict[str, str]
+        self, services: dict[str, Service], servers: list[UpstreamServer], urls: dict[str, str]
     ) -> None:
         self.services = services
         self.urls = urls
-        self._runners = runners
+        self._servers = servers
 
     def behaviour(self, name: str) -> Behaviour:
         """Return the live behaviour of one service; changing it takes effect at once."""
@@ -260,10 +529,10 @@ class Simulators:
 
     async def close(self) -> None:
         """Stop serving; requests that are hanging answer 503 at once instead of sleeping on."""
-        for s in self.services.values():
-            s.closing.set()
-        for runner in self._runners:
-            await runner.cleanup()
+        for server in self._servers:
+            server.closing.set()
+        for server in self._servers:
+            await server.close()
 
 
 async def start_simulators(
@@ -272,28 +541,20 @@ async def start_simulators(
     """Start the four services (port 0, the default, picks a free port) and return them."""
     ports = ports or {}
     services = {name: Service(name) for name in SERVICES}
-    runners: list[web.AppRunner] = []
+    servers: list[UpstreamServer] = []
     urls: dict[str, str] = {}
     try:
         for name, service in services.items():
-            # handler_cancellation: a caller that gives up (deadline, disconnect) ends the hang.
-            runner = web.AppRunner(
-                service_app(service),
-                access_log=None,
-                handler_cancellation=True,
-                shutdown_timeout=1.0,
-            )
-            await runner.setup()
-            site = web.TCPSite(runner, host, ports.get(name, 0), backlog=1024)
-            await site.start()
-            runners.append(runner)
-            port = runner.addresses[0][1]
-            urls[name] = f"http://{host}:{port}"
+            # Not recorded (bench and demo send millions); a caller that gives up ends a hang.
+            server = UpstreamServer(record=False, cancel_on_disconnect=True)
+            serve_service(server, service)
+            urls[name] = await server.start(host, ports.get(name, 0))
+            servers.append(server)
     except BaseException:
-        for runner in runners:
-            await runner.cleanup()
+        for server in servers:
+            await server.close()
         raise
-    return Simulators(services, runners, urls)
+    return Simulators(services, servers, urls)
 
 
 async def _serve(host: str, port_base: int) -> None:

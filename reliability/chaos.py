@@ -24,7 +24,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import tree_version  # noqa: E402
 from gateway.catalog import seed_mysql  # noqa: E402
 from gateway.diagnostics import LoopLag  # noqa: E402
 from reliability.harness import (  # noqa: E402
@@ -32,10 +31,10 @@ from reliability.harness import (  # noqa: E402
     Stack,
     box_cpu,
     control,
-    machine,
     process_cpu_s,
     rss_kb,
     run_and_report,
+    run_stamp,
     stack,
     summary_head,
 )
@@ -377,10 +376,7 @@ def summarize(
     if server["error_count"]:
         failures.append(f"{server['error_count']} error lines in the gateway log")
     return {
-        "kind": "chaos",
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "tree": tree_version(),
-        "machine": machine(),
+        **run_stamp("chaos"),
         "seconds": args.seconds,
         "rate": args.rate,
         "seed": args.seed,

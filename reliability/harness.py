@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import prepend_run
+from bench.report import prepend_run, tree_version
+from gateway.simulator import SERVICES
 from tests.support import MariaDB, binary, crash, free_port, stop, wait_port
 from tests.support import ThrowawayError as HarnessError
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("pricing", "inventory", "reviews", "recs")
 ADMIN_TOKEN = "reliability-admin-token"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -309,6 +309,16 @@ def run_and_report(
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if summary["passed"] else 1
+
+
+def run_stamp(kind: str) -> dict[str, str]:
+    """Return the head of a run's summary: its kind, when it ran, the tree and the machine."""
+    return {
+        "kind": kind,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "tree": tree_version(),
+        "machine": machine(),
+    }
 
 
 def machine() -> str:

@@ -2,7 +2,7 @@
 chaos run's hostile mode (`python reliability/chaos.py --hostile`) that serves them to a real
 `gateway serve` under load and checks that none of it reaches the clients or the gateway's health.
 
-The handlers are also used by tests/test_attacks_upstream.py.
+The cookie and bomb answers live in gateway/simulator.py, the one fake upstream server.
 """
 
 from __future__ import annotations
@@ -14,19 +14,25 @@ import random
 import re
 import time
 import urllib.request
-import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from bench.report import tree_version
 from gateway.catalog import seed_sqlite
-from gateway.simulator import price_body, recs_body, reviews_body, stock_body
+from gateway.simulator import (
+    Handler,
+    UpstreamServer,
+    gzip_bomb,
+    price_body,
+    recs_body,
+    reviews_body,
+    set_cookies,
+    stock_body,
+)
 from reliability.harness import (
     ADMIN_TOKEN,
     ROOT,
@@ -34,9 +40,9 @@ from reliability.harness import (
     GatewayProcess,
     HarnessError,
     box_cpu,
-    machine,
     process_cpu_s,
     rss_kb,
+    run_stamp,
     summary_head,
 )
 from reliability.load import IdMix, counts, latency_figures, server_view
@@ -45,43 +51,10 @@ from tests.support import free_port
 CATALOG_IDS = 10_000
 HOT_IDS = 50
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-COOKIES = (
-    "sid=upstream-session-1; Path=/",
-    "tenant=upstream-2; Path=/; Domain=localhost",
-    "token=upstream-3; Path=/; Max-Age=3600; HttpOnly",
-    "wide=upstream-4; Path=/; Domain=127.0.0.1",
-)
-"""Set-Cookie values a hostile upstream sends; none may ever come back in a `Cookie` header."""
-
-
-@lru_cache(maxsize=4)
-def gzip_bomb(inflated: int) -> bytes:
-    """Return a gzip body of about `inflated / 1000` bytes that inflates to `inflated` zeros."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    block = bytes(1 << 20)
-    parts = [packer.compress(block) for _ in range(inflated // len(block))]
-    parts.append(packer.compress(bytes(inflated % len(block))))
-    parts.append(packer.flush())
-    return b"".join(parts)
-
 
 def deep_json(levels: int) -> bytes:
     """Return a JSON object nested `levels` deep: `{"a": {"a": ... {} ...}}`."""
     return b'{"a": ' * (levels - 1) + b"{}" + b"}" * (levels - 1)
-
-
-def set_cookies(then: Handler) -> Handler:
-    """Answer like `then`, with every one of `COOKIES` added as its own Set-Cookie header."""
-
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        resp = await then(request)
-        for cookie in COOKIES:
-            resp.headers.add("Set-Cookie", cookie)
-        return resp
-
-    return handle
 
 
 # --- the hostile services --------------------------------------------------------------------
@@ -113,19 +86,17 @@ class HostileService:
     answers: Counter[str] = field(default_factory=Counter)
     cookies_sent: list[str] = field(default_factory=list)
     url: str = ""
-    _runner: web.ServerRunner | None = None
+    _server: UpstreamServer | None = None
 
     async def start(self) -> None:
-        """Listen on 127.0.0.1 on a free port (`url`)."""
-        self._runner = web.ServerRunner(web.Server(self._handle), shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        """Listen on 127.0.0.1 on a free port (`url`), on the shared fake upstream server."""
+        self._server = UpstreamServer(record=False)
+        self._server.route("/", self._handle)
+        self.url = await self._server.start()
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            await self._server.close()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if "Cookie" in request.headers:
@@ -267,10 +238,7 @@ async def run_hostile(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     if server["error_count"]:
         failures.append(f"{server['error_count']} error lines in the gateway log")
     return {
-        "kind": "chaos-hostile",
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "tree": tree_version(),
-        "machine": machine(),
+        **run_stamp("chaos-hostile"),
         "seconds": args.seconds,
         "rate": args.rate,
         "seed": args.seed,

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import random
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import tree_version  # noqa: E402
 from gateway.catalog import seed_mysql  # noqa: E402
 from reliability.harness import (  # noqa: E402
     Stack,
-    machine,
     rss_kb,
     run_and_report,
+    run_stamp,
     stack,
     summary_head,
 )
@@ -165,10 +163,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if server["error_count"]:
             failures.append(f"{server['error_count']} error lines in the gateway log")
         return {
-            "kind": "soak",
-            "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "tree": tree_version(),
-            "machine": machine(),
+            **run_stamp("soak"),
             "seed": args.seed,
             "requests": done,
             "concurrency": args.concurrency,

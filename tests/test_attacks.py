@@ -20,11 +20,10 @@ import yarl
 
 from gateway import config
 from gateway.catalog import seed_mysql
-from gateway.simulator import start_simulators
+from gateway.simulator import UpstreamServer, json_body, raw, start_simulators
 from tests.config_files import gateway_process, server_env
 from tests.serving import serving_config
 from tests.support import free_port
-from tests.upstream_server import UpstreamServer, json_body, raw
 
 SHIPPED = (Path(__file__).resolve().parent.parent / "gateway.yaml").read_text()
 SECRET = "s3cr3t-upstream-token-5f1d"

@@ -19,9 +19,8 @@ from multidict import CIMultiDict
 from gateway.config import HttpSourceConfig
 from gateway.errors import BadPayload, SourceError, SourceUnavailable
 from gateway.plan import Guarded, guard
+from gateway.simulator import UpstreamServer, echo, gzip_bomb, json_body, raw, set_cookies
 from gateway.types import Call, Upstream
-from reliability.hostile import gzip_bomb, set_cookies
-from tests.upstream_server import UpstreamServer, echo, json_body, raw
 from upstreams.http import http_source
 
 Client = Literal["aiohttp", "httpx"]

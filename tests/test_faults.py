@@ -29,9 +29,7 @@ from aiohttp import web
 from gateway.config import HttpSourceConfig, SqlSourceConfig
 from gateway.errors import SourceError
 from gateway.plan import Guarded, guard, open_upstream
-from gateway.types import JSON, Call, Upstream
-from tests.support import MariaDB, free_port
-from tests.upstream_server import (
+from gateway.simulator import (
     Handler,
     UpstreamServer,
     chunked,
@@ -41,8 +39,9 @@ from tests.upstream_server import (
     reset_mid_body,
     slow,
     truncated,
-    unused_port,
 )
+from gateway.types import JSON, Call, Upstream
+from tests.support import MariaDB, free_port
 
 TIMEOUT_S = 0.25  # every source's timeout_ms here; a stalled machine must not cut a request
 DEADLINE_S = 1.0  # each call's deadline: long enough that only the policies decide
@@ -162,7 +161,7 @@ async def faulty(
     """Serve `handler` on /f/ and yield a guarded source for it, configured with `policy`."""
     async with UpstreamServer() as server:
         server.route("/f/", handler)
-        base = f"http://127.0.0.1:{unused_port()}" if refused else server.url
+        base = f"http://127.0.0.1:{free_port()}" if refused else server.url
         fields = {"timeout_ms": int(TIMEOUT_S * 1000), "max_bytes": MAX_BYTES, **policy}
         cfg = HttpSourceConfig.model_validate({"kind": "http", "base_url": base, **fields})
         upstream = await open_upstream("faulty", cfg)

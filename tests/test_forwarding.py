@@ -9,8 +9,8 @@ import pytest
 
 from gateway import config
 from gateway.errors import ConfigError
+from gateway.simulator import UpstreamServer, echo
 from tests.serving import serving_config
-from tests.upstream_server import UpstreamServer, echo
 
 CONFIG = """\
 version: 1
