@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -141,6 +142,23 @@ async def gateway_process(
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def start_demo(port: int, *args: str, **env: str) -> asyncio.subprocess.Process:
+    """Start `python -m gateway demo --port PORT *args` with `env` added to the environment,
+    its stdout and stderr piped (the caller reads them or calls `communicate`)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "demo",
+        *args,
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
 
 
 async def wait_healthy(

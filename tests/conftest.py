@@ -3,6 +3,13 @@ redis-servers (single ones the tests stop and restart, and a 3-node Cluster).
 
 The servers are real. `scripts/test` starts them when they are not running; when they cannot be
 reached here, the fixtures fail with what to do, never skip.
+
+Where test code comes from: tests import the packages and their own support modules
+(tests/support.py: the port finder, the throwaway MariaDB, the source fakes `ok`, `slow`,
+`failing`, `exploding`; tests/serving.py, config_files.py, redis_servers.py, payloads.py). The
+fake upstream HTTP server is `gateway.simulator` (the demo ships it). Tests never import `bench`
+or `reliability`: test_bench_smoke.py and test_reliability.py run them as programs, which is
+testing them; what a test shares with them lives here, and they may import it from here.
 """
 
 from __future__ import annotations
@@ -10,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pymysql
 import pytest
 import redis
@@ -108,48 +115,13 @@ def throwaway(tmp_path: Path) -> Iterator[Callable[[int], subprocess.Popen[bytes
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A 3-node Redis Cluster (masters only) on free loopback ports, torn down afterwards."""
-    workdir = tmp_path_factory.mktemp("cluster")
-    ports: list[int] = []
-    while len(ports) < 3:
-        port = redis_servers.free_port()
-        if port not in ports:
-            ports.append(port)
-    procs = [
-        redis_servers.start(
-            p, workdir, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{p}.conf"
-        )
-        for p in ports
-    ]
+    # Redis's own node timeout (15 s): these tests never kill a node, so none may be failed over.
+    cluster = redis_servers.Cluster(tmp_path_factory.mktemp("cluster"), node_timeout_ms=15000)
     try:
-        made = subprocess.run(
-            [
-                redis_servers.binary("redis-cli"),
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{p}" for p in ports),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            capture_output=True,
-            timeout=30,
-        )
-        if made.returncode != 0:
-            pytest.fail(f"redis-cli --cluster create failed: {made.stdout!r} {made.stderr!r}")
-        deadline = time.monotonic() + 15
-        for port in ports:
-            client = redis.Redis(port=port)
-            try:
-                while client.cluster("INFO").get("cluster_state") != "ok":
-                    if time.monotonic() > deadline:
-                        pytest.fail("the throwaway cluster did not reach cluster_state:ok in 15 s")
-                    time.sleep(0.1)
-            finally:
-                client.close()
-        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+        cluster.start()
+        yield cluster.url
     finally:
-        for proc in procs:
-            redis_servers.stop(proc)
+        cluster.stop()
 
 
 PRODUCTS = 500
@@ -176,7 +148,49 @@ async def sims() -> AsyncIterator[Simulators]:
 
 
 @pytest.fixture
+def product_env(sims: Simulators, catalog_dsn: str, redis_url: str) -> dict[str, str]:
+    """The environment that points the shipped gateway.yaml at the simulators, the seeded
+    catalog and the real Redis."""
+    from tests.config_files import server_env
+
+    return server_env(sims, catalog_dsn, redis_url, admin_token=None)
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A client session with no connection limit: a burst of N is N requests in flight."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         yield session
+
+
+POSTGRES_HOST = os.environ.get("GATEWAY_TEST_POSTGRES_HOST", "127.0.0.1")
+POSTGRES_PORT = int(os.environ.get("GATEWAY_TEST_POSTGRES_PORT", "5432"))
+
+
+async def _postgres_admin(sql: str) -> None:
+    try:
+        conn = await asyncpg.connect(
+            host=POSTGRES_HOST, port=POSTGRES_PORT, user="root", database="postgres", timeout=5
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {POSTGRES_HOST}:{POSTGRES_PORT} as root ({exc}); run "
+            "the tests with `bash scripts/test`, which starts one when it is installed; to "
+            "install it: apt-get update && apt-get install -y postgresql",
+            pytrace=False,
+        )
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test session, dropped at the end."""
+    name = f"gwtest_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_postgres_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://root@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
+    finally:
+        asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -241,3 +241,22 @@ def scope(path: str) -> dict[str, Any]:
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
+
+
+async def asgi_get(app: Any, path: str, disconnect_after_s: float) -> list[dict[str, Any]]:
+    """Send `GET path` straight into the ASGI `app`, as a client that hangs up after
+    `disconnect_after_s`; return the messages the app sent."""
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(disconnect_after_s)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope(path), receive, send)
+    return sent

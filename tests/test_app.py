@@ -19,11 +19,8 @@ PRODUCTS = 500
 
 
 @pytest.fixture
-async def gateway(
-    sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str
-) -> AsyncIterator[str]:
-    env = product_view_env(sims, catalog_dsn, redis_url)
-    async with serving_config(product_view_config(env, redis_prefix)) as url:
+async def gateway(product_env: dict[str, str], redis_prefix: str) -> AsyncIterator[str]:
+    async with serving_config(product_view_config(product_env, redis_prefix)) as url:
         yield url
 
 
@@ -172,18 +169,13 @@ async def test_database_down_is_502_json_not_a_traceback(
 
 
 async def test_required_timeout_is_504(
-    sims: Simulators,
-    catalog_dsn: str,
-    redis_url: str,
-    redis_prefix: str,
-    http: aiohttp.ClientSession,
+    product_env: dict[str, str], redis_prefix: str, http: aiohttp.ClientSession
 ) -> None:
-    env = product_view_env(sims, catalog_dsn, redis_url)
     slow_query = (
         '"SELECT id, sku, name, brand, category FROM products WHERE id = %(id)s"',
         '"SELECT id, sku, name, brand, category FROM products WHERE id = %(id)s AND SLEEP(1) = 0"',
     )
-    loaded = product_view_config(env, redis_prefix, edit=dict([slow_query]))
+    loaded = product_view_config(product_env, redis_prefix, edit=dict([slow_query]))
     async with serving_config(loaded) as url:
         t0 = time.monotonic()
         status, _, body = await get(http, f"{url}/products/42")

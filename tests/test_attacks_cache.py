@@ -99,15 +99,13 @@ def keys_and_ttls(redis_url: str, prefix: str) -> dict[bytes, int]:
 
 
 async def test_a_not_found_answer_is_kept_not_found_ttl_s_and_every_key_written_expires(
-    sims: Simulators,
-    catalog_dsn: str,
+    product_env: dict[str, str],
     redis_url: str,
     redis_prefix: str,
     http: aiohttp.ClientSession,
 ) -> None:
     # The shipped config keeps answers for 60 s + 3600 s of stale windows; a 404 must not be.
-    env = product_view_env(sims, catalog_dsn, redis_url)
-    async with gateway(loaded(env, redis_prefix)) as (url, _):
+    async with gateway(loaded(product_env, redis_prefix)) as (url, _):
         assert (await get(http, f"{url}/products/{UNKNOWN}"))[0] == 404
         answers = await asyncio.gather(
             *(get(http, f"{url}/products/{1 + i % 5}") for i in range(40))
@@ -195,15 +193,13 @@ def hostile(kind: str) -> bytes:
 
 @pytest.mark.parametrize("kind", ["zlib", "raw"])
 async def test_a_hostile_entry_in_redis_is_a_miss_that_costs_a_few_mb(
-    sims: Simulators,
-    catalog_dsn: str,
+    product_env: dict[str, str],
     redis_url: str,
     redis_prefix: str,
     http: aiohttp.ClientSession,
     kind: str,
 ) -> None:
-    env = product_view_env(sims, catalog_dsn, redis_url)
-    async with gateway(loaded(env, redis_prefix)) as (url, _):
+    async with gateway(loaded(product_env, redis_prefix)) as (url, _):
         assert (await get(http, f"{url}/products/42"))[0] == 200
         client = redis.Redis.from_url(redis_url)
         try:

@@ -21,10 +21,10 @@ import pytest
 from gateway import cli, config
 from gateway.app import create_app
 from gateway.readiness import Readiness
-from tests.config_files import wait_healthy, write_atomically
+from gateway.simulator import UpstreamServer, echo, json_body
+from tests.config_files import start_demo, wait_healthy, write_atomically
 from tests.serving import serving
 from tests.support import free_port
-from tests.upstream_server import UpstreamServer, echo, json_body, unused_port
 
 ADMIN_TOKEN = "ops-attack-admin-token-3b9c"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -194,7 +194,7 @@ async def ready_until_known(
 async def test_readyz_stays_200_with_a_source_down_and_names_it_without_its_address(
     catalog_dsn: str, upstream: UpstreamServer, http: aiohttp.ClientSession
 ) -> None:
-    dead = unused_port()
+    dead = free_port()
     async with serving(create_app(loaded=probe_config(catalog_dsn, upstream.url, dead))) as url:
         status, text = await ready_until_known(http, url)
     assert status == 200, text
@@ -216,7 +216,7 @@ async def test_fifty_concurrent_probes_ping_each_source_at_most_once_a_second(
         return sum(1 for s in upstream.seen if s.path == "/")
 
     async with serving(
-        create_app(loaded=probe_config(catalog_dsn, upstream.url, unused_port()))
+        create_app(loaded=probe_config(catalog_dsn, upstream.url, free_port()))
     ) as url:
         assert pings() == 0
         began = time.monotonic()
@@ -239,7 +239,7 @@ async def test_fifty_concurrent_probes_ping_each_source_at_most_once_a_second(
 async def test_readyz_is_503_only_while_draining_or_starting(
     catalog_dsn: str, upstream: UpstreamServer, http: aiohttp.ClientSession
 ) -> None:
-    loaded = probe_config(catalog_dsn, upstream.url, unused_port())
+    loaded = probe_config(catalog_dsn, upstream.url, free_port())
     app = create_app(loaded=loaded)
     gw = app.state.gateway
     status, body = await Readiness().answer(gw)  # the lifespan has not started it yet
@@ -326,7 +326,7 @@ async def test_gateway_serve_with_a_short_admin_token_exits_with_a_clear_message
         "--config",
         str(path),
         "--port",
-        str(unused_port()),
+        str(free_port()),
         env={**os.environ, "GATEWAY_ADMIN_TOKEN": "admin-token"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -366,19 +366,7 @@ def listening_hosts(port: int) -> set[str]:
 
 async def test_demo_on_all_interfaces_keeps_its_simulators_on_loopback() -> None:
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "demo",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "GATEWAY_LOG_LEVEL": "warning"},
-    )
+    proc = await start_demo(port, "--host", "0.0.0.0", GATEWAY_LOG_LEVEL="warning")
     assert proc.stdout is not None
     printed: list[str] = []
     try:

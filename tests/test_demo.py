@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 
 import aiohttp
 
-from tests.config_files import wait_healthy
+from tests.config_files import start_demo, wait_healthy
 from tests.support import free_port
 
 TOKEN = "demo-admin-token"
@@ -19,18 +17,7 @@ async def test_demo_serves_the_complete_product_view_reloads_and_stops_cleanly(
     http: aiohttp.ClientSession,
 ) -> None:
     port = free_port()
-    env = {**os.environ, "GATEWAY_ADMIN_TOKEN": TOKEN, "GATEWAY_LOG_LEVEL": "warning"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "demo",
-        "--port",
-        str(port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    proc = await start_demo(port, GATEWAY_ADMIN_TOKEN=TOKEN, GATEWAY_LOG_LEVEL="warning")
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_healthy(base, proc, None, within_s=30)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -14,7 +12,7 @@ from gateway.app import create_app
 from gateway.catalog import seed_sqlite
 from gateway.simulator import Simulators
 from tests.serving import product_view_config, product_view_env
-from tests.support import scope
+from tests.support import asgi_get
 
 
 @pytest.fixture
@@ -32,22 +30,10 @@ async def test_client_disconnect_cancels_the_fan_out_and_sends_nothing(
     app = create_app(
         loaded=product_view_config(product_view_env(sims, sqlite_catalog, "memory://"))
     )
-    sent: list[dict[str, Any]] = []
-    messages = [{"type": "http.request", "body": b"", "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(0.05)  # the client gives up after 50 ms
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     async with app.router.lifespan_context(app):
         with capture_logs() as logs:
             t0 = time.monotonic()
-            await app(scope("/products/42"), receive, send)
+            sent = await asgi_get(app, "/products/42", disconnect_after_s=0.05)  # gives up
             elapsed = time.monotonic() - t0
     assert sent == []
     assert elapsed < 0.25  # well before the 300 ms deadline the hung calls would have run to
@@ -61,19 +47,7 @@ async def test_served_request_is_not_disturbed_by_the_disconnect_watcher(
     app = create_app(
         loaded=product_view_config(product_view_env(sims, sqlite_catalog, "memory://"))
     )
-    sent: list[dict[str, Any]] = []
-    messages = [{"type": "http.request", "body": b"", "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(30)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
     async with app.router.lifespan_context(app):
-        await app(scope("/products/42"), receive, send)
+        sent = await asgi_get(app, "/products/42", disconnect_after_s=30)
     assert sent[0]["status"] == 200
     assert b'"complete":true' in sent[1]["body"]

@@ -194,13 +194,18 @@ async def test_reload_keeps_unchanged_pools_and_closes_removed_ones_after_their_
             assert (await resp.json())["_meta"]["complete"] is True
 
 
-async def test_sighup_reloads_a_served_gateway(
-    sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
-) -> None:
+def two_config_files(redis_prefix: str, tmp_path: Path) -> tuple[str, Path, int]:
+    """Write config A to gateway.yaml in `tmp_path`; return config B, the path and a free port."""
     a, b = two_configs(redis_prefix)
     path = tmp_path / "gateway.yaml"
     path.write_text(a)
-    port = free_port()
+    return b, path, free_port()
+
+
+async def test_sighup_reloads_a_served_gateway(
+    sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    b, path, port = two_config_files(redis_prefix, tmp_path)
     base = f"http://127.0.0.1:{port}"
     env = server_env(sims, catalog_dsn, redis_url, TOKEN)
     logs = tmp_path / "gateway.log"
@@ -227,10 +232,7 @@ async def test_sighup_reloads_a_served_gateway(
 async def test_watch_reloads_when_the_file_changes(
     sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    a, b = two_configs(redis_prefix)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(a)
-    port = free_port()
+    b, path, port = two_config_files(redis_prefix, tmp_path)
     base = f"http://127.0.0.1:{port}"
     env = server_env(sims, catalog_dsn, redis_url, TOKEN)
     logs = tmp_path / "gateway.log"
