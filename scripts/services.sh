@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Make sure a MariaDB and a Redis are reachable for the tests. When the usual ones
-# (127.0.0.1:3306, 127.0.0.1:6379) answer, use them; otherwise start throwaway servers from the
-# installed binaries on spare ports, and write their addresses to .test-services.env (read by
-# scripts/test). When a binary is missing, fail with the command that installs it.
+# Make sure a MariaDB, a Redis and a PostgreSQL are reachable for the tests. When the usual ones
+# (127.0.0.1:3306, 127.0.0.1:6379, 127.0.0.1:5432) answer, use them; otherwise start throwaway
+# servers from the installed binaries on spare ports, and write their addresses to
+# .test-services.env (read by scripts/test). When a binary is missing, fail with the command that installs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -f .test-services.env
@@ -69,4 +69,32 @@ if [ "$FORCE" = 1 ] || ! port_open 6379; then
     fi
     echo "export GATEWAY_TEST_REDIS_URL=redis://127.0.0.1:$PORT/0" >>.test-services.env
     echo "tests: throwaway Redis on 127.0.0.1:$PORT"
+fi
+
+if [ "$FORCE" = 1 ] || ! port_open 5432; then
+    PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$PGBIN" ] || [ ! -x "$PGBIN/initdb" ]; then
+        echo "error: PostgreSQL is not running and not installed;" \
+             "install it with: apt-get update && apt-get install -y postgresql" >&2
+        exit 1
+    fi
+    PORT=15432
+    if ! port_open $PORT; then
+        rm -rf "$RUN/postgres" && mkdir -p "$RUN/postgres"
+        # initdb and postgres refuse to run as root: as root, run them as an unprivileged user.
+        AS=()
+        if [ "$(id -u)" = 0 ]; then
+            PGUSER_OS=$(id -un postgres 2>/dev/null || echo nobody)
+            chown "$PGUSER_OS" "$RUN/postgres"
+            AS=(runuser -u "$PGUSER_OS" --)
+        fi
+        "${AS[@]}" "$PGBIN/initdb" -D "$RUN/postgres/data" -U root --auth=trust -E UTF8 \
+            --no-sync >"$RUN/postgres/install.log" 2>&1
+        "${AS[@]}" "$PGBIN/pg_ctl" -D "$RUN/postgres/data" -l "$RUN/postgres/server.log" -w \
+            -o "-p $PORT -k $RUN/postgres -c listen_addresses=127.0.0.1 -c fsync=off" \
+            start >/dev/null
+        wait_port $PORT PostgreSQL
+    fi
+    echo "export GATEWAY_TEST_POSTGRES_PORT=$PORT" >>.test-services.env
+    echo "tests: throwaway PostgreSQL on 127.0.0.1:$PORT"
 fi

@@ -126,13 +126,15 @@ def map_errors(name: str, *, connect: bool = False) -> Iterator[None]:
     try:
         yield
     except asyncpg.PostgresError as exc:
+        if isinstance(exc.__cause__, ValueError | TypeError | OverflowError):
+            # asyncpg's DataError for an argument it could not encode: never sent, never will be.
+            raise Unsendable(f"{name}: {type(exc).__name__}: {exc}") from exc
         state = str(getattr(exc, "sqlstate", "") or "")
         if state == _CANCELED:
             raise SourceTimeout(f"{name}: the database stopped the query at its budget") from exc
         down = connect or state.startswith(_CONNECT_STATES)
         raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}", connect=down) from exc
     except (ValueError, TypeError, OverflowError) as exc:
-        # asyncpg's DataError (a value that does not fit its parameter) is a ValueError too.
         raise Unsendable(f"{name}: {type(exc).__name__}: {exc}") from exc
     except asyncpg.InterfaceError as exc:
         raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}", connect=connect) from exc
