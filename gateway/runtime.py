@@ -13,13 +13,19 @@ from cache.policy import CachePolicy, CacheSettings, NearSettings
 from gateway.config import (
     CacheConfig,
     EndpointCache,
-    GatewayConfig,
     LoadedConfig,
-    SourceConfig,
 )
 from gateway.executor import Composite
 from gateway.metrics import Metrics
-from gateway.plan import EndpointPlan, Guarded, build_plans, guard, open_upstream
+from gateway.plan import (
+    EndpointPlan,
+    Guarded,
+    SourcePlan,
+    build_plans,
+    compile_source,
+    guard,
+    open_upstream,
+)
 from gateway.stats import Stats
 from gateway.types import Call, Source, Upstream
 
@@ -39,6 +45,7 @@ class Runtime:
     cache_policies: Mapping[str, CachePolicy]
     metrics: Metrics
     stats: Stats
+    source_plans: Mapping[str, SourcePlan]
 
     @property
     def cache_prefix(self) -> str:
@@ -68,19 +75,22 @@ async def start(
         stats = previous.stats if previous is not None else Stats()
     on_change, on_retry, on_hedge = _observers(metrics)
     by_id = {p.id: p for p in (build_plans(config) if plans is None else plans)}
+    source_plans = {
+        name: compile_source(name, cfg, config.propagation) for name, cfg in config.sources.items()
+    }
     kept: dict[str, Upstream] = {}
     guards: dict[str, Guarded] = {}
     opened: dict[str, Upstream] = {}
     try:
-        for name, cfg in config.sources.items():
-            if previous is not None and _same_source(previous, config, name, cfg):
+        for name, source_plan in source_plans.items():
+            if previous is not None and _same_source(previous, source_plan):
                 kept[name] = previous.upstreams[name]
                 guards[name] = previous.guards[name]
             else:
-                opened[name] = await open_upstream(name, cfg, config.propagation)
+                opened[name] = await open_upstream(name, source_plan)
                 guards[name] = guard(
                     name,
-                    cfg,
+                    source_plan,
                     opened[name],
                     on_change=on_change,
                     on_retry=on_retry,
@@ -103,7 +113,16 @@ async def start(
     sources = {name: g.call for name, g in guards.items()}
     stats.sync(config)
     return Runtime(
-        loaded, by_id, {**kept, **opened}, guards, sources, cache, policies, metrics, stats
+        loaded,
+        by_id,
+        {**kept, **opened},
+        guards,
+        sources,
+        cache,
+        policies,
+        metrics,
+        stats,
+        source_plans,
     )
 
 
@@ -160,11 +179,9 @@ def _cache_observer(metrics: Metrics, stats: Stats) -> Callable[[str], None]:
     return on_event
 
 
-def _same_source(previous: Runtime, config: GatewayConfig, name: str, cfg: SourceConfig) -> bool:
-    old = previous.loaded.config.sources.get(name)
-    # HTTP adapters put the propagation header names on every call: a change needs new ones.
-    same_headers = previous.loaded.config.propagation == config.propagation
-    return old is not None and old == cfg and same_headers and name in previous.upstreams
+def _same_source(previous: Runtime, plan: SourcePlan) -> bool:
+    # Compiled plans compare by value: HTTP ones hold the propagation header names they send.
+    return previous.source_plans.get(plan.name) == plan and plan.name in previous.upstreams
 
 
 async def stop(runtime: Runtime, successor: Runtime | None = None) -> None:

@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 from urllib.parse import unquote
 
 import httpx
 import pytest
 import respx
 
-from gateway.config import HttpPool, HttpSourceConfig, PropagationConfig
 from gateway.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable
-from gateway.templates import parse
-from gateway.types import Call, Upstream
-from tests.payloads import HOSTILE
-from tests.upstream_server import (
+from gateway.simulator import (
     UpstreamServer,
     chunked,
     echo,
@@ -28,12 +24,18 @@ from tests.upstream_server import (
     reset_mid_body,
     stall_mid_body,
     truncated,
-    unused_port,
 )
-from upstreams.http import SLICE_BYTES, http_source
-
-Start = Callable[..., Awaitable[Upstream]]
-Client = Literal["aiohttp", "httpx"]
+from gateway.templates import parse
+from gateway.types import Call, Upstream
+from tests.payloads import HOSTILE
+from tests.support import Client, Start, free_port
+from upstreams.http import (
+    SLICE_BYTES,
+    HttpPoolSettings,
+    HttpSettings,
+    Propagation,
+    http_source,
+)
 
 
 def call(target: str, params: Mapping[str, Any] | None = None, **fields: Any) -> Call:
@@ -48,34 +50,6 @@ def call(target: str, params: Mapping[str, Any] | None = None, **fields: Any) ->
         deadline=deadline,
         **fields,
     )
-
-
-@pytest.fixture(params=["aiohttp", "httpx"])
-def client(request: pytest.FixtureRequest) -> Client:
-    name: Client = request.param
-    return name
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[UpstreamServer]:
-    async with UpstreamServer() as s:
-        yield s
-
-
-@pytest.fixture
-async def start(client: Client) -> AsyncIterator[Start]:
-    """Start HTTP sources with the parametrized client; close them all afterwards."""
-    started: list[Upstream] = []
-
-    async def _start(base_url: str, **fields: Any) -> Upstream:
-        cfg = HttpSourceConfig(kind="http", base_url=base_url, client=client, **fields)
-        upstream = await http_source("test", cfg)
-        started.append(upstream)
-        return upstream
-
-    yield _start
-    for upstream in started:
-        await upstream.close()
 
 
 @pytest.fixture
@@ -197,7 +171,7 @@ async def test_redirect_is_not_followed(server: UpstreamServer, source: Upstream
 
 
 async def test_connection_refused_is_connect_failure(start: Start) -> None:
-    upstream = await start(f"http://127.0.0.1:{unused_port()}")
+    upstream = await start(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(SourceUnavailable) as info:
         await upstream.call(call("/p"))
     assert info.value.connect
@@ -312,8 +286,8 @@ async def test_propagation_header_names_come_from_the_config(
     server: UpstreamServer, client: Client
 ) -> None:
     server.route("/h", json_body({}))
-    cfg = HttpSourceConfig(kind="http", base_url=server.url, client=client)
-    names = PropagationConfig(request_id_header="X-Trace", deadline_header="X-Budget-Ms")
+    cfg = HttpSettings(base_url=server.url, client=client)
+    names = Propagation(request_id_header="X-Trace", deadline_header="X-Budget-Ms")
     upstream = await http_source("test", cfg, names)
     try:
         await upstream.call(call("/h", request_id="req-9"))
@@ -376,7 +350,7 @@ async def test_cancelled_call_leaves_the_pool_answering_correctly(
     else:
         server.route("/slow", chunked([b'{"stale": ', b"true}"], pause_s=0.3))
     server.route("/echo/", echo())
-    upstream = await start(server.url, pool=HttpPool(max=1))
+    upstream = await start(server.url, pool=HttpPoolSettings(max=1))
     task = asyncio.ensure_future(upstream.call(call("/slow")))
     await server.wait_seen(1)
     await asyncio.sleep(0.1)
@@ -393,7 +367,7 @@ async def test_cancelled_call_leaves_the_pool_answering_correctly(
 
 async def test_concurrent_calls_share_the_pool(server: UpstreamServer, start: Start) -> None:
     server.route("/echo/", echo())
-    upstream = await start(server.url, pool=HttpPool(max=4))
+    upstream = await start(server.url, pool=HttpPoolSettings(max=4))
     async with asyncio.timeout(20):
         results = await asyncio.gather(*(upstream.call(call(f"/echo/{i}")) for i in range(50)))
     assert [r["target"] for r in results] == [f"/echo/{i}" for i in range(50)]
@@ -404,7 +378,7 @@ async def test_concurrent_calls_share_the_pool(server: UpstreamServer, start: St
 async def test_pool_stats_count_in_use_and_idle(server: UpstreamServer, start: Start) -> None:
     server.route("/hang", hang())
     server.route("/ok", json_body({}))
-    upstream = await start(server.url, pool=HttpPool(max=7))
+    upstream = await start(server.url, pool=HttpPoolSettings(max=7))
     assert upstream.pool_stats() == {"limit": 7, "in_use": 0, "idle": 0}
     await upstream.call(call("/ok"))
     assert upstream.pool_stats() == {"limit": 7, "in_use": 0, "idle": 1}
@@ -429,7 +403,7 @@ async def test_httpx_with_http2_enabled_still_speaks_http1_to_plain_http(
 ) -> None:
     # Without TLS there is no ALPN, so httpx falls back to HTTP/1.1 rather than failing.
     server.route("/ok", json_body({"v": 2}))
-    cfg = HttpSourceConfig(kind="http", base_url=server.url, client="httpx", http2=True)
+    cfg = HttpSettings(base_url=server.url, client="httpx", http2=True)
     upstream = await http_source("h2", cfg)
     try:
         assert await upstream.call(call("/ok")) == {"v": 2}
@@ -448,7 +422,7 @@ async def test_ping_counts_any_answer_as_reachable(
 
 
 async def test_ping_of_a_closed_port_is_a_connect_failure(start: Start) -> None:
-    upstream = await start(f"http://127.0.0.1:{unused_port()}")
+    upstream = await start(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(SourceUnavailable) as info:
         await upstream.ping()
     assert info.value.connect
@@ -472,7 +446,7 @@ MOCK_BASE = "http://127.0.0.1:9"
 
 @pytest.fixture
 async def httpx_source() -> AsyncIterator[Upstream]:
-    cfg = HttpSourceConfig(kind="http", base_url=MOCK_BASE, client="httpx")
+    cfg = HttpSettings(base_url=MOCK_BASE, client="httpx")
     upstream = await http_source("mocked", cfg)
     yield upstream
     await upstream.close()
