@@ -20,6 +20,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -27,8 +28,11 @@ import pymysql
 import pytest
 import redis
 
-from gateway.simulator import Simulators, start_simulators
+from gateway.simulator import Simulators, UpstreamServer, start_simulators
+from gateway.types import Upstream
 from tests import redis_servers
+from tests.support import Client, Start
+from upstreams.http import HttpSettings, http_source
 
 MYSQL_HOST = os.environ.get("GATEWAY_TEST_MYSQL_HOST", "127.0.0.1")
 MYSQL_PORT = int(os.environ.get("GATEWAY_TEST_MYSQL_PORT", "3306"))
@@ -194,3 +198,35 @@ def postgres_url() -> Iterator[str]:
         yield f"postgresql://root@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
     finally:
         asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+def client(request: pytest.FixtureRequest) -> Client:
+    """Each HTTP client an http source can use, in turn."""
+    name: Client = request.param
+    return name
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[UpstreamServer]:
+    """A scripted loopback upstream that records what it receives."""
+    async with UpstreamServer() as s:
+        yield s
+
+
+@pytest.fixture
+async def start(client: Client) -> AsyncIterator[Start]:
+    """Start HTTP sources with the parametrized client; close them all afterwards."""
+    started: list[Upstream] = []
+
+    async def _start(base_url: str, **fields: Any) -> Upstream:
+        if "headers" in fields:
+            fields["headers"] = tuple(fields["headers"].items())
+        cfg = HttpSettings(base_url=base_url, client=client, **fields)
+        upstream = await http_source("test", cfg)
+        started.append(upstream)
+        return upstream
+
+    yield _start
+    for upstream in started:
+        await upstream.close()

@@ -17,11 +17,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from gateway.types import Call, Source
+from gateway.types import Call, Source, Upstream
 
 # --- ports -----------------------------------------------------------------------------------
 
@@ -220,6 +221,15 @@ def exploding() -> Source:
         raise ZeroDivisionError("a bug, not an outage")
 
     return source
+
+
+# --- HTTP sources (conftest's `client`, `server` and `start` fixtures) -------------------------
+
+Client = Literal["aiohttp", "httpx"]
+"""The HTTP clients an http source can use; the `client` fixture runs a test with each."""
+
+Start = Callable[..., Awaitable[Upstream]]
+"""The `start` fixture: `await start(base_url, **settings)` opens an HTTP source."""
 
 
 # --- ASGI ------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import asyncio
 import gzip
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -21,10 +21,7 @@ from gateway.errors import BadPayload, SourceError, SourceUnavailable
 from gateway.plan import Guarded, guard
 from gateway.simulator import UpstreamServer, echo, gzip_bomb, json_body, raw, set_cookies
 from gateway.types import Call, Upstream
-from upstreams.http import http_source
-
-Client = Literal["aiohttp", "httpx"]
-Start = Callable[..., Awaitable[Upstream]]
+from tests.support import Client, Start
 
 BOMB_BYTES = 900 * 1024 * 1024  # what the bomb inflates to; it is ~0.9 MB on the wire
 MAX_GROWTH_KB = 40 * 1024  # "a few MB" with a wide margin: the bomb itself is 0.9 MB here
@@ -35,33 +32,6 @@ def call(target: str) -> Call:
     """Return a call of `target` with a 10 s deadline from now."""
     deadline = asyncio.get_running_loop().time() + 10.0
     return Call(source="up", name="c", target=target, params={}, timeout=10.0, deadline=deadline)
-
-
-@pytest.fixture(params=["aiohttp", "httpx"])
-def client(request: pytest.FixtureRequest) -> Client:
-    name: Client = request.param
-    return name
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[UpstreamServer]:
-    async with UpstreamServer() as s:
-        yield s
-
-
-@pytest.fixture
-async def start(client: Client) -> AsyncIterator[Start]:
-    """Start HTTP sources with the parametrized client; close them all afterwards."""
-    started: list[Upstream] = []
-
-    async def _start(base_url: str, **fields: Any) -> Upstream:
-        cfg = HttpSourceConfig(kind="http", base_url=base_url, client=client, **fields)
-        started.append(await http_source("up", cfg))
-        return started[-1]
-
-    yield _start
-    for upstream in started:
-        await upstream.close()
 
 
 # --- item 2: nothing an upstream answered is ever sent on a later call -------------------------
