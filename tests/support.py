@@ -1,5 +1,6 @@
 """What tests, bench and reliability share: the one port finder, a throwaway MariaDB, the plain
-function fakes of a source, and the ASGI scope of a plain GET.
+function fakes of a source (`ok`, `slow`, `failing`, `exploding`; each counts its invocations in
+`.calls`), the types of the HTTP-source fixtures, and ASGI calls without a server.
 
 Tests import this module and the package, never `bench` or `reliability`; those two may import
 this module (they RUN the gateway the way tests do). The fake upstream HTTP server lives in the
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.types import Call, Source, Upstream
+from gateway.types import Call, Upstream
 
 # --- ports -----------------------------------------------------------------------------------
 
@@ -186,41 +187,48 @@ class MariaDB:
 # --- fakes of a source -----------------------------------------------------------------------
 
 
-def ok(data: Any) -> Source:
-    """A source that answers `data` (or `data(call)` when it is callable) at once."""
+def counted(body: Callable[[Call, int], Awaitable[Any]]) -> Any:
+    """Return a source running `body(call, n)` for its n-th invocation, counted in `.calls`."""
 
     async def source(call: Call) -> Any:
-        return data(call) if callable(data) else data
+        source.calls += 1  # type: ignore[attr-defined]
+        return await body(call, source.calls)  # type: ignore[attr-defined]
 
+    source.calls = 0  # type: ignore[attr-defined]
     return source
 
 
-def slow(seconds: float, data: Any) -> Source:
+def ok(data: Any = "ok") -> Any:
+    """A source that answers `data` (or `data(call)` when it is callable) at once."""
+
+    async def body(call: Call, n: int) -> Any:
+        return data(call) if callable(data) else data
+
+    return counted(body)
+
+
+def slow(seconds: float, data: Any = "ok") -> Any:
     """A source that answers `data` after `seconds`."""
 
-    async def source(call: Call) -> Any:
+    async def body(call: Call, n: int) -> Any:
         await asyncio.sleep(seconds)
         return data
 
-    return source
+    return counted(body)
 
 
-def failing(exc: Exception) -> Source:
+def failing(exc: BaseException) -> Any:
     """A source that raises `exc` (an outage, when it is a SourceError)."""
 
-    async def source(call: Call) -> Any:
+    async def body(call: Call, n: int) -> Any:
         raise exc
 
-    return source
+    return counted(body)
 
 
-def exploding() -> Source:
+def exploding() -> Any:
     """A source with a bug: it raises something that is not a SourceError."""
-
-    async def source(call: Call) -> Any:
-        raise ZeroDivisionError("a bug, not an outage")
-
-    return source
+    return failing(ZeroDivisionError("a bug, not an outage"))
 
 
 # --- HTTP sources (conftest's `client`, `server` and `start` fixtures) -------------------------

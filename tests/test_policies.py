@@ -21,43 +21,11 @@ from gateway.errors import (
     Unsendable,
 )
 from gateway.types import Call
+from tests.support import counted, failing, ok, slow
 from upstreams.breaker import BreakerSettings
 from upstreams.policies import Breaker, Budget, Hedge, Limit, Retry, RetrySettings, timeout
 
 # --- fakes ----------------------------------------------------------------------------------
-
-
-def counted(body):
-    """Wrap an async body into a source that counts its invocations in `.calls`."""
-
-    async def source(call: Call):
-        source.calls += 1
-        return await body(call, source.calls)
-
-    source.calls = 0
-    return source
-
-
-def ok(data="ok"):
-    async def body(call, n):
-        return data
-
-    return counted(body)
-
-
-def slow(seconds, data="ok"):
-    async def body(call, n):
-        await asyncio.sleep(seconds)
-        return data
-
-    return counted(body)
-
-
-def failing(exc):
-    async def body(call, n):
-        raise exc
-
-    return counted(body)
 
 
 def flaky(n_failures, exc, data="ok"):
