@@ -11,8 +11,16 @@ from typing import Annotated, Any
 import orjson
 from pydantic import Field, TypeAdapter
 
+from cache.policy import CachePolicy
 from gateway import templates
-from gateway.config import CacheConfig, CallConfig, EndpointConfig, GatewayConfig, PropagationConfig
+from gateway.config import (
+    CacheConfig,
+    CallConfig,
+    EndpointCache,
+    EndpointConfig,
+    GatewayConfig,
+    PropagationConfig,
+)
 from gateway.sources import Kind, Render, SourceConfig, kind_of
 from gateway.types import Source, Upstream
 from upstreams import policies
@@ -72,8 +80,8 @@ class EndpointPlan:
     params: tuple[ParamPlan, ...]
     deadline: float
     calls: tuple[CallPlan, ...]
-    config: EndpointConfig
-    """The endpoint's config, read when the config loads (cache policy), never per request."""
+    cache: CachePolicy | None
+    """How long answers are kept; None when the endpoint has no `cache:`."""
     digest: str
     tags: tuple[templates.Template, ...]
     awaited: frozenset[str]
@@ -137,6 +145,18 @@ PERSONAL_HEADERS = frozenset({b"authorization", b"cookie"})
 """Request headers that say who is asking: an answer built from one is that client's alone."""
 
 
+def cache_policy(cfg: EndpointCache) -> CachePolicy:
+    """Return the cache policy an endpoint's `cache:` block describes."""
+    return CachePolicy(
+        ttl_s=float(cfg.ttl_s),
+        partial_ttl_s=float(cfg.partial_ttl_s),
+        stale_while_revalidate_s=float(cfg.stale_while_revalidate_s),
+        stale_if_error_s=float(cfg.stale_if_error_s),
+        not_found_ttl_s=float(cfg.not_found_ttl_s),
+        allow_client_bypass=cfg.allow_client_bypass,
+    )
+
+
 def build_plans(config: GatewayConfig) -> tuple[EndpointPlan, ...]:
     """Return one plan per endpoint of a validated config."""
     return tuple(build_plan(ep, config.sources, config.cache) for ep in config.endpoints)
@@ -171,7 +191,7 @@ def build_plan(
         params=params,
         deadline=ep.deadline_ms / 1000,
         calls=calls,
-        config=ep,
+        cache=cache_policy(ep.cache) if ep.cache else None,
         digest=digest,
         tags=tags,
         awaited=frozenset(d for cp in calls for d in cp.deps),

@@ -12,7 +12,6 @@ from cache.composite import CompositeCache, open_cache
 from cache.policy import CachePolicy, CacheSettings, NearSettings
 from gateway.config import (
     CacheConfig,
-    EndpointCache,
     LoadedConfig,
 )
 from gateway.executor import Composite
@@ -26,6 +25,7 @@ from gateway.plan import (
     guard,
     open_upstream,
 )
+from gateway.plan import cache_policy as cache_policy  # where tests and tools have found it
 from gateway.stats import Stats
 from gateway.types import Call, Source, Upstream
 
@@ -105,11 +105,7 @@ async def start(
         cache = open_cache(cache_settings(config.cache))
     cache.on_event = _cache_observer(metrics, stats)
     # An endpoint whose answers can never be stored is served as an uncached one (BYPASS).
-    policies = {
-        p.id: policy
-        for p in by_id.values()
-        if p.config.cache and (policy := cache_policy(p.config.cache)).stores
-    }
+    policies = {p.id: p.cache for p in by_id.values() if p.cache is not None and p.cache.stores}
     sources = {name: g.call for name, g in guards.items()}
     stats.sync(config)
     return Runtime(
@@ -138,18 +134,6 @@ def cache_settings(cfg: CacheConfig) -> CacheSettings:
         compress_min_bytes=cfg.compress_min_bytes,
         max_entry_bytes=cfg.max_entry_bytes,
         near=None if near is None else NearSettings(near.max_entries, near.ttl_s),
-    )
-
-
-def cache_policy(cfg: EndpointCache) -> CachePolicy:
-    """Return the cache policy an endpoint's `cache:` block describes."""
-    return CachePolicy(
-        ttl_s=float(cfg.ttl_s),
-        partial_ttl_s=float(cfg.partial_ttl_s),
-        stale_while_revalidate_s=float(cfg.stale_while_revalidate_s),
-        stale_if_error_s=float(cfg.stale_if_error_s),
-        not_found_ttl_s=float(cfg.not_found_ttl_s),
-        allow_client_bypass=cfg.allow_client_bypass,
     )
 
 
