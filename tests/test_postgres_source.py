@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from gateway.errors import ConfigError, NotFound, SourceTimeout, SourceUnavailab
 from gateway.plan import build_plans, compile_source, open_upstream
 from gateway.sources import KINDS
 from gateway.types import Call, Upstream
+from tests.support import free_port
 from upstreams.postgresql import map_errors, positional, postgresql_source
 from upstreams.sql import SqlPoolSettings, SqlSettings
 
@@ -111,12 +111,6 @@ async def _until_none_running(dsn: str, marker: str) -> int:
             return 0
         await asyncio.sleep(0.05)
     return n
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- placeholders ----------------------------------------------------------------------------
@@ -254,7 +248,7 @@ async def test_ping_answers_and_pool_stats_count_connections(pg_dsn: str) -> Non
 
 
 async def test_an_unreachable_server_is_unavailable_with_connect_set() -> None:
-    dsn = f"postgresql://root@127.0.0.1:{_closed_port()}/nothing"
+    dsn = f"postgresql://root@127.0.0.1:{free_port()}/nothing"
     async with started(dsn) as db:  # starting does not need the database to be up
         with pytest.raises(SourceUnavailable) as info:
             async with asyncio.timeout(5):

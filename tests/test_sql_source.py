@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sqlite3
 import time
 import uuid
@@ -19,6 +18,7 @@ import pytest
 
 from gateway.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.types import Call, Upstream
+from tests.support import free_port
 from upstreams.sql import SqlPoolSettings, SqlSettings, budgeted, map_errors, sql_source
 
 TABLE = "sqlsrc_products"
@@ -124,12 +124,6 @@ def call(
 
 BY_ID = f"SELECT id, sku, name, category FROM {TABLE} WHERE id = %(id)s"
 BY_CATEGORY = f"SELECT id, sku FROM {TABLE} WHERE category = %(category)s ORDER BY id"
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- shared behaviour, both backends --------------------------------------------------------
@@ -238,7 +232,7 @@ async def test_decimal_and_temporal_values_are_json_ready(mysql_dsn: str) -> Non
 
 
 async def test_an_unreachable_server_is_unavailable_with_connect_set(mysql_dsn: str) -> None:
-    dsn = f"mysql://root@127.0.0.1:{_closed_port()}/nothing"
+    dsn = f"mysql://root@127.0.0.1:{free_port()}/nothing"
     start = time.monotonic()
     async with started(dsn) as db:  # starting does not need the database to be up
         with pytest.raises(SourceUnavailable) as info:
