@@ -17,9 +17,10 @@ import pymysql
 import pytest
 
 from gateway.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
+from gateway.sources import KINDS
 from gateway.types import Call, Upstream
 from tests.support import free_port
-from upstreams.sql import SqlPoolSettings, SqlSettings, budgeted, map_errors, sql_source
+from upstreams.sql import SqlPoolSettings, SqlSettings, budgeted, map_errors
 
 TABLE = "sqlsrc_products"
 ROWS = [
@@ -87,6 +88,11 @@ def sqlite_dsn(tmp_path: Path) -> str:
 
 def _config(dsn: str, *, pool_min: int = 1, pool_max: int = 4) -> SqlSettings:
     return SqlSettings(dsn, SqlPoolSettings(min=pool_min, max=pool_max))
+
+
+async def sql_source(name: str, cfg: SqlSettings) -> Upstream:
+    """Start the adapter the table of source kinds gives the DSN's scheme."""
+    return await KINDS[("sql", urlsplit(cfg.dsn).scheme)].open(name, cfg)
 
 
 @asynccontextmanager

@@ -61,13 +61,6 @@ class SqlSettings:
     pool: SqlPoolSettings = SqlPoolSettings()
 
 
-async def sql_source(name: str, cfg: SqlSettings) -> Upstream:
-    """Return the started SQL source `name`: a MySQL pool or a SQLite connection, per its DSN."""
-    if urlsplit(cfg.dsn).scheme == "sqlite":
-        return await sqlite_source(name, cfg)
-    return await mysql_source(name, cfg)
-
-
 async def sqlite_source(name: str, cfg: SqlSettings) -> Upstream:
     """Return the started SQLite source `name`: a few aiosqlite connections on one file."""
     return await _sqlite_upstream(name, cfg.dsn, min(cfg.pool.max, _SQLITE_MAX_CONNECTIONS))
