@@ -1,10 +1,11 @@
 """PostgreSQL sources through an asyncpg pool (`postgresql://user@host:port/db`).
 
 A call's SQL arrives with `$1..$n` placeholders (translated once from `%(name)s` when the config
-loads, by `positional`) and its parameters in that order, bound by the driver. Before each query
-the connection's `statement_timeout` is set to what is left of the call's budget, so the server
-stops a query our side gave up on; a call cancelled mid-flight has asyncpg send the server a
-cancel request, and its connection goes back to the pool only once that cancel is done. Values
+loads, by `positional`) and its parameters in that order, bound by the driver. Before a query
+the session's `statement_timeout` is set to what is left of the call's budget (rounded up to 10
+ms, and only when the session's differs), so the server stops a query our side gave up on; a call
+cancelled mid-flight has asyncpg send the server a cancel request, and its connection goes back
+to the pool only once that cancel is done. Values
 come out as the MySQL adapter gives them (`upstreams.sql.json_value`), plus UUID and network
 addresses as text and arrays as lists; JSON columns are text, as aiomysql gives them.
 """
@@ -28,6 +29,10 @@ from gateway.types import JSON, Call, Upstream
 from upstreams.sql import SqlSettings, json_result, json_value
 
 _PING_S = 1.0
+_STEP_MS = 10
+"""The server's limit is the budget rounded up to this step, so that a connection whose limit is
+already set to it (most calls of a source have the same budget) skips one round trip; the
+caller's own timeout still ends the wait on time, and cancels the query on the server."""
 # Only bounds opening a connection; on the request path the caller's timeout does.
 _CONNECT_TIMEOUT_S = 5.0
 _CANCELED = "57014"  # query_canceled: our statement_timeout (or a cancel request)
@@ -68,6 +73,13 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
         # changes nothing but statement_timeout, which the next call sets again.
         "reset": _keep,
     }
+    # statement_timeout each pooled session has (by backend pid); a new session forgets its pid's.
+    limits: dict[int, int] = {}
+
+    async def _forget(conn: asyncpg.Connection) -> None:
+        limits.pop(conn.get_server_pid(), None)
+
+    options["init"] = _forget
     try:
         pool = await asyncpg.create_pool(min_size=cfg.pool.min, **options)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -82,9 +94,13 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
             conn = await pool.acquire()
         try:
             # Measured after acquiring: waiting for a connection spends the same budget.
-            ms = max(1, math.ceil((ends - loop.time()) * 1000))
+            ms = _STEP_MS * max(1, math.ceil((ends - loop.time()) * 1000 / _STEP_MS))
+            pid = conn.get_server_pid()
             with map_errors(name):
-                await conn.execute(f"SET statement_timeout = {ms}")
+                if limits.get(pid) != ms:
+                    limits.pop(pid, None)  # unknown until the server has said yes
+                    await conn.execute(f"SET statement_timeout = {ms}")
+                    limits[pid] = ms
                 rows = await conn.fetch(call.target, *call.params.values())
         finally:
             # Shielded by asyncpg; after a cancel it waits for the server to confirm it.
@@ -96,7 +112,10 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
             async with asyncio.timeout(_PING_S):
                 with map_errors(name, connect=True):
                     async with pool.acquire() as conn:
-                        await conn.execute(f"SET statement_timeout = {int(_PING_S * 1000)}")
+                        pid, ms = conn.get_server_pid(), int(_PING_S * 1000)
+                        limits.pop(pid, None)
+                        await conn.execute(f"SET statement_timeout = {ms}")
+                        limits[pid] = ms
                         await conn.fetchval("SELECT 1")
         except TimeoutError as exc:
             raise SourceTimeout(f"{name}: no answer to SELECT 1 within {_PING_S:g} s") from exc
