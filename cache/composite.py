@@ -10,6 +10,7 @@ background refresh started), "refresh_failed", "error" (the backend failed; went
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,7 +26,6 @@ from cache.entry import (
     Entry,
     decode,
     encode,
-    servable,
     stored_limit,
 )
 from cache.memory import MemoryStore
@@ -99,6 +99,8 @@ class CompositeCache:
         self._compress_min_bytes = compress_min_bytes
         self._max_body_bytes = max_body_bytes
         self._flights: dict[str, asyncio.Future[Lookup]] = {}
+        self._token_prefix = uuid.uuid4().hex[:16]
+        self._tokens = itertools.count()
         self._computing: set[str] = set()
         """Keys whose flight in this process found no answer to serve: a fan-out, or a wait."""
         self._refreshing: set[str] = set()
@@ -136,6 +138,8 @@ class CompositeCache:
                 age = max(0.0, now - held.written_at)
                 return Lookup(held, "HIT", age, max(0.0, policy.ttl_for(held) - age), False)
             near.start()
+        if key not in self._flights:
+            return await self._fly(ask, deadline, waited=False)
         return await self._single_flight(ask, deadline)
 
     async def purge(self, *, keys: Sequence[str] = (), tags: Sequence[str] = ()) -> int:
@@ -225,13 +229,13 @@ class CompositeCache:
         """Serve the stored entry, or compute under the cross-process lock taken with the same
         read (one round trip), or wait for the process that holds it. After a wait for another
         fetch's fan-out (`waited`), a fresh entry is the MISS that fan-out answered."""
-        loop = asyncio.get_running_loop()
-        token = uuid.uuid4().hex
+        token = self._token()
         generation = self._generation()
         now = self._clock()
-        hold = max(0.0, deadline - loop.time()) + LOCK_MARGIN_S
+        hold = max(0.0, deadline - asyncio.get_running_loop().time()) + LOCK_MARGIN_S
+        policy = ask.policy
         try:
-            got, data = await self.store.lookup(ask.key, token, hold, ask.policy.windows, now)
+            got, data = await self.store.lookup(ask.key, token, hold, policy.windows, now)
         except CacheUnavailable as exc:
             self._failed(exc)
             self._event("miss")
@@ -240,11 +244,11 @@ class CompositeCache:
             # storing the value releases it instead of leaving the others to wait for its expiry.
             return await self._compute(ask, None, lock=token)
         cached = self._decode(data)
-        if cached is not None and servable(data or b"", ask.policy.windows, now):
-            age = max(0.0, now - cached.written_at)
+        age = 0.0 if cached is None else max(0.0, now - cached.written_at)
+        if cached is not None and age < policy.window_for(cached):
             if got:
                 await self._release(ask.key, token)  # Never taken by a store that agrees.
-            ttl = ask.policy.ttl_for(cached)
+            ttl = policy.ttl_for(cached)
             if age < ttl:
                 self._event("hit")
                 self._hold(ask, cached, generation)
@@ -378,7 +382,7 @@ class CompositeCache:
         task.add_done_callback(self._tasks.discard)
 
     async def _refresh(self, ask: _Ask, stale: Entry) -> None:
-        token = uuid.uuid4().hex
+        token = self._token()
         try:
             try:
                 got, data = await self.store.acquire(ask.key, token, REFRESH_LOCK_S)
@@ -445,6 +449,10 @@ class CompositeCache:
         except CacheUnavailable as exc:
             self._failed(exc)
         return False
+
+    def _token(self) -> str:
+        # Unique across processes (a random prefix per cache) and cheap per fetch (a counter).
+        return f"{self._token_prefix}{next(self._tokens)}"
 
     def _generation(self) -> int:
         return 0 if self.near is None else self.near.generation

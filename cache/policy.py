@@ -44,6 +44,14 @@ class CachePolicy:
             return self.not_found_ttl_s
         return 0.0
 
+    def window_for(self, entry: Entry) -> float:
+        """Return how old `entry` may be and still be served without a fan-out (`windows`)."""
+        if entry.status == 200:
+            return self.windows[0] if entry.complete else self.windows[1]
+        if entry.status == 404:
+            return self.windows[2]
+        return 0.0
+
     def keep_for(self, entry: Entry) -> float:
         """Return how long the backend keeps `entry`: fresh, then as long as it may serve stale."""
         ttl = self.ttl_for(entry)

@@ -4,6 +4,7 @@ error translated into `CacheUnavailable`."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from hashlib import blake2b
@@ -208,8 +209,7 @@ class RedisStore:
         for `hold_s` seconds, as `acquire` takes it: one script, one round trip."""
         hold_ms = max(1, int(hold_s * 1000))
         keys = (self._entry(key), self._lock(key))
-        args: tuple[str | int, ...] = (token, hold_ms, self._last_byte, repr(now))
-        args += tuple(map(repr, windows))
+        args = (token, hold_ms, self._last_byte, repr(now), *_window_args(windows))
         got, data = await self._run("lookup", lambda: self._lookup_script(keys=keys, args=args))
         return bool(got), data or None
 
@@ -442,6 +442,13 @@ def _subscriber_of(url: str) -> Callable[[], Redis]:
     return lambda: Redis.from_url(url, **kwargs)
 
 
+@functools.lru_cache(maxsize=256)
+def _window_args(windows: tuple[float, float, float]) -> tuple[str, str, str]:
+    # The same few policies every request: their script arguments are written once.
+    return repr(windows[0]), repr(windows[1]), repr(windows[2])
+
+
+@functools.lru_cache(maxsize=4096)
 def _slot_tag(name: str) -> str:
     # A digest, not the name itself: names may hold braces, which would move the hash tag.
     return blake2b(name.encode(), digest_size=10).hexdigest()
