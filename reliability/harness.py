@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.report import prepend_run, tree_version
 from gateway.simulator import SERVICES
-from tests.support import MariaDB, binary, crash, free_port, stop, wait_port
+from tests.support import MariaDB, crash, free_port, redis_server_argv, stop, wait_port
 from tests.support import ThrowawayError as HarnessError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,19 +60,7 @@ class RedisServer:
     def start(self, within_s: float = 10.0) -> None:
         """Start redis-server on the same port; return once it listens."""
         self.proc = subprocess.Popen(
-            [
-                binary("redis-server"),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
+            redis_server_argv(self.port, self.workdir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -61,6 +61,13 @@ def with_extra_source(text: str) -> str:
     return text.replace(marker, EXTRA_SOURCE + marker)
 
 
+def write_config(directory: Path, text: str) -> Path:
+    """Write `text` to gateway.yaml in `directory`; return its path."""
+    path = directory / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename, as editors and deploy tools do."""
     tmp = path.with_suffix(".tmp")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import free_port
+from tests.support import free_port, redis_server_argv
 
 _INSTALL = "apt-get update && apt-get install -y redis-server redis-tools"
 
@@ -25,23 +25,9 @@ def binary(name: str) -> str:
 
 def start(port: int, workdir: Path, *args: str) -> subprocess.Popen[bytes]:
     """Start a redis-server on `port` (no persistence) and return once it answers PING."""
+    binary("redis-server")  # or fail the test saying how to install it
     proc = subprocess.Popen(
-        [
-            binary("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--enable-debug-command",
-            "yes",
-            *args,
-        ],
+        redis_server_argv(port, workdir, "--enable-debug-command", "yes", *args),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -108,6 +108,24 @@ def crash(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(10)
 
 
+def redis_server_argv(port: int, workdir: Path, *args: str) -> list[str]:
+    """Return the command line of a throwaway redis-server on `port`: loopback, no persistence."""
+    return [
+        binary("redis-server"),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        *args,
+    ]
+
+
 @dataclass
 class MariaDB:
     """A private mariadbd: its own data directory and port; killed and restarted by us."""

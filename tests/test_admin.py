@@ -16,7 +16,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.plan import build_plan
 from gateway.simulator import Simulators
-from tests.config_files import config_text, read, set_server_env, write_atomically
+from tests.config_files import config_text, read, set_server_env, write_atomically, write_config
 from tests.serving import serving
 from tests.support import free_port
 
@@ -38,9 +38,7 @@ def env(
 
 @pytest.fixture
 def config_file(tmp_path: Path, redis_prefix: str) -> Path:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix))
-    return path
+    return write_config(tmp_path, config_text(redis_prefix))
 
 
 @pytest.fixture

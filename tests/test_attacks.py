@@ -21,7 +21,7 @@ import yarl
 from gateway import config
 from gateway.catalog import seed_mysql
 from gateway.simulator import UpstreamServer, json_body, raw, start_simulators
-from tests.config_files import gateway_process, server_env
+from tests.config_files import gateway_process, server_env, write_config
 from tests.serving import serving_config
 from tests.support import free_port
 
@@ -348,8 +348,7 @@ async def test_secrets_never_reach_logs_error_bodies_readyz_or_admin_config(
       dead: {source: dead, path: "/x/{id}", fallback: null}
 """
     )
-    path = tmp_path / "gateway.yaml"
-    path.write_text(text)
+    path = write_config(tmp_path, text)
     env = {
         **attack_env(catalog_dsn, upstream),
         "DB_PASSWORD": DB_SECRET,

@@ -20,7 +20,14 @@ import pytest
 
 from gateway.app import create_app
 from gateway.simulator import Simulators
-from tests.config_files import config_text, gateway_process, read, server_env, set_server_env
+from tests.config_files import (
+    config_text,
+    gateway_process,
+    read,
+    server_env,
+    set_server_env,
+    write_config,
+)
 from tests.serving import product_view_config, product_view_env, serving
 from tests.support import free_port
 
@@ -39,8 +46,7 @@ async def edge_gateway(
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, Path]]:
     """Run `gateway serve` with the shipped config (generous timeouts, in-memory cache, `edit`
     applied) and the `server:` block `server`; yield the process, its port and its log file."""
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text("edge:", edit) + f"server: {server}\n")
+    path = write_config(tmp_path, config_text("edge:", edit) + f"server: {server}\n")
     port = free_port()
     env = server_env(sims, catalog_dsn, "memory://", admin_token=TOKEN)
     logs = tmp_path / "gateway.log"
@@ -366,8 +372,7 @@ async def test_a_reload_that_changes_server_says_it_needs_a_restart(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     set_server_env(monkeypatch, sims, catalog_dsn, "memory://", TOKEN)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text("edge:") + "server: {drain_s: 3}\n")
+    path = write_config(tmp_path, config_text("edge:") + "server: {drain_s: 3}\n")
     app = create_app(str(path))
     gw = app.state.gateway
     async with app.router.lifespan_context(app):

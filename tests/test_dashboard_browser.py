@@ -17,7 +17,7 @@ from selenium.webdriver.common.by import By
 
 from gateway.app import create_app
 from gateway.simulator import Simulators
-from tests.config_files import config_text, set_server_env
+from tests.config_files import config_text, set_server_env, write_config
 from tests.serving import serving
 
 pytestmark = pytest.mark.browser
@@ -62,8 +62,7 @@ async def test_dashboard_shows_every_source_of_the_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix))
+    path = write_config(tmp_path, config_text(redis_prefix))
     sims.behaviour("reviews").update({"delay_ms": 20, "jitter_ms": 30})
     async with serving(create_app(str(path))) as base:
         async with aiohttp.ClientSession() as http:

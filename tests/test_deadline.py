@@ -17,7 +17,7 @@ from gateway import config
 from gateway.app import create_app
 from gateway.plan import build_plan
 from gateway.simulator import Simulators
-from tests.config_files import set_server_env
+from tests.config_files import set_server_env, write_config
 from tests.serving import serving
 
 DEADLINE_S = 1.0
@@ -55,9 +55,9 @@ def config_file(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Path:
     set_server_env(monkeypatch, sims, catalog_dsn, redis_url)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(CONFIG.format(prefix=redis_prefix, deadline_ms=int(DEADLINE_S * 1000)))
-    return path
+    return write_config(
+        tmp_path, CONFIG.format(prefix=redis_prefix, deadline_ms=int(DEADLINE_S * 1000))
+    )
 
 
 async def test_waiting_for_another_processs_lock_comes_out_of_the_deadline(

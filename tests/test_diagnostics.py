@@ -17,7 +17,7 @@ from cache.redis import redis_store
 from gateway.app import create_app
 from gateway.diagnostics import TRACEMALLOC_ENV, memory_report, process_report
 from gateway.simulator import Simulators
-from tests.config_files import config_text, set_server_env
+from tests.config_files import config_text, set_server_env, write_config
 from tests.serving import serving
 
 TOKEN = "diagnostics-token"
@@ -34,9 +34,7 @@ def config_file(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Path:
     set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix))
-    return path
+    return write_config(tmp_path, config_text(redis_prefix))
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 from gateway import config
 from gateway.catalog import seed_mysql
 from gateway.simulator import SERVICES, Simulators, start_simulators
-from tests.config_files import GENEROUS, set_server_env
+from tests.config_files import GENEROUS, set_server_env, write_config
 from tests.serving import serving_config
 
 MAX_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "40"))
@@ -88,8 +88,7 @@ def app_url(
             for old, new in GENEROUS.items():
                 text = text.replace(old, new)
             text = text.rstrip("\n") + "\n" + NEAR
-            path = tmp_path / "gateway.yaml"
-            path.write_text(text)
+            path = write_config(tmp_path, text)
             set_server_env(monkeypatch, sims, catalog_dsn, "memory://", TOKEN)
             loaded = config.load(str(path))
             stop = asyncio.Event()

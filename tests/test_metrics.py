@@ -13,7 +13,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.simulator import Simulators
-from tests.config_files import config_text, gateway_process, read, server_env, set_server_env
+from tests.config_files import (
+    config_text,
+    gateway_process,
+    read,
+    server_env,
+    set_server_env,
+    write_config,
+)
 from tests.serving import serving
 from tests.support import free_port
 
@@ -62,8 +69,7 @@ async def scrape(
 async def test_metrics_count_requests_calls_cache_pools_and_breakers(
     env: dict[str, str], tmp_path: Path, redis_prefix: str, http: aiohttp.ClientSession
 ) -> None:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix))
+    path = write_config(tmp_path, config_text(redis_prefix))
     async with serving(create_app(str(path))) as base:
         for i in (1, 2, 3, 1, 1):
             async with http.get(f"{base}/products/{i}") as resp:
@@ -111,8 +117,7 @@ async def test_metrics_count_retries_fallbacks_and_breaker_transitions(
     http: aiohttp.ClientSession,
     sims: Simulators,
 ) -> None:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix, {"min_calls: 20": "min_calls: 5"}))
+    path = write_config(tmp_path, config_text(redis_prefix, {"min_calls: 20": "min_calls: 5"}))
     sims.behaviour("pricing").update({"error_rate": 1.0})
     async with serving(create_app(str(path))) as base:
         for i in range(1, 21):
@@ -143,8 +148,7 @@ async def test_metrics_count_hedges(
 ) -> None:
     reviews = '9103}", timeout_ms: 2000}'
     hedged = '9103}", timeout_ms: 2000, hedge: {after_ms: 30}}'
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix, {reviews: hedged}))
+    path = write_config(tmp_path, config_text(redis_prefix, {reviews: hedged}))
     sims.behaviour("reviews").update({"delay_ms": 80})  # every first request is late
     async with serving(create_app(str(path))) as base:
         for i in range(1, 4):
@@ -159,8 +163,7 @@ async def test_metrics_count_hedges(
 async def test_metrics_add_up_across_workers(
     sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix))
+    path = write_config(tmp_path, config_text(redis_prefix))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = server_env(sims, catalog_dsn, redis_url, admin_token=None)
@@ -188,8 +191,7 @@ async def test_metrics_add_up_across_workers(
 async def test_access_log_has_one_json_line_per_request_with_its_calls(
     sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix))
+    path = write_config(tmp_path, config_text(redis_prefix))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = server_env(sims, catalog_dsn, redis_url, admin_token=None)
@@ -221,8 +223,7 @@ async def test_access_log_has_one_json_line_per_request_with_its_calls(
 async def test_console_log_format_is_readable(
     sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    path = tmp_path / "gateway.yaml"
-    path.write_text(config_text(redis_prefix))
+    path = write_config(tmp_path, config_text(redis_prefix))
     port = free_port()
     env = {
         **server_env(sims, catalog_dsn, redis_url, admin_token=None),

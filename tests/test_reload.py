@@ -21,6 +21,7 @@ from tests.config_files import (
     set_server_env,
     with_extra_source,
     write_atomically,
+    write_config,
 )
 from tests.serving import serving
 from tests.support import free_port
@@ -59,8 +60,7 @@ async def test_twenty_reloads_under_steady_load_fail_no_request(
     env: dict[str, str], tmp_path: Path, redis_prefix: str, http: aiohttp.ClientSession
 ) -> None:
     a, b = two_configs(redis_prefix)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(a)
+    path = write_config(tmp_path, a)
     statuses: dict[int, int] = {}
     failures: list[str] = []
     done = asyncio.Event()
@@ -120,8 +120,7 @@ async def test_a_bad_file_is_refused_with_its_lines_and_the_old_config_keeps_ser
     env: dict[str, str], tmp_path: Path, redis_prefix: str, http: aiohttp.ClientSession
 ) -> None:
     good = config_text(redis_prefix)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(good)
+    path = write_config(tmp_path, good)
     async with serving(create_app(str(path))) as base:
         for wrong, right, field in [
             ("source: inventroy", "source: inventory", "calls.stock.source"),
@@ -150,8 +149,7 @@ async def test_reload_keeps_unchanged_pools_and_closes_removed_ones_after_their_
     env: dict[str, str], tmp_path: Path, redis_prefix: str, http: aiohttp.ClientSession
 ) -> None:
     a, b = two_configs(redis_prefix, generous=False)  # the grace is the shipped 300 ms + 1 s
-    path = tmp_path / "gateway.yaml"
-    path.write_text(b)
+    path = write_config(tmp_path, b)
     app = create_app(str(path))
     gw: Gateway = app.state.gateway
     async with serving(app) as base:
@@ -197,8 +195,7 @@ async def test_reload_keeps_unchanged_pools_and_closes_removed_ones_after_their_
 def two_config_files(redis_prefix: str, tmp_path: Path) -> tuple[str, Path, int]:
     """Write config A to gateway.yaml in `tmp_path`; return config B, the path and a free port."""
     a, b = two_configs(redis_prefix)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(a)
+    path = write_config(tmp_path, a)
     return b, path, free_port()
 
 
