@@ -72,6 +72,11 @@ class FaultLog:
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
 
+def chaos_head(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Return the head of a chaos run's summary: its stamp, length, rate and seed."""
+    return {**run_stamp(kind), "seconds": args.seconds, "rate": args.rate, "seed": args.seed}
+
+
 def upstream_fault(rng: random.Random) -> tuple[str, dict[str, float]]:
     """Return one fault for a simulated service: hangs, 503s, or latency past its timeout."""
     kind = rng.choice(("hang", "error", "slow"))
@@ -376,10 +381,7 @@ def summarize(
     if server["error_count"]:
         failures.append(f"{server['error_count']} error lines in the gateway log")
     return {
-        **run_stamp("chaos"),
-        "seconds": args.seconds,
-        "rate": args.rate,
-        "seed": args.seed,
+        **chaos_head("chaos", args),
         "requests": len(samples),
         "achieved_rps": round(len(samples) / args.seconds, 1),
         "statuses": counts(s.status for s in samples),

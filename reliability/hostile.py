@@ -42,7 +42,6 @@ from reliability.harness import (
     box_cpu,
     process_cpu_s,
     rss_kb,
-    run_stamp,
     summary_head,
 )
 from reliability.load import IdMix, counts, latency_figures, server_view
@@ -166,7 +165,12 @@ def _breaker_opens(metrics: str) -> dict[str, float]:
 async def run_hostile(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Run the hostile-upstream chaos: every service answers in `MODES`, pricing (the source
     with a breaker) refuses everything through the middle third; return the summary."""
-    from reliability.chaos import ALLOWED_5XX, LIMIT_MS, open_loop  # chaos imports this lazily
+    from reliability.chaos import (  # chaos imports this module lazily
+        ALLOWED_5XX,
+        LIMIT_MS,
+        chaos_head,
+        open_loop,
+    )
 
     rng = random.Random(args.seed)
     bomb, catalog, config = await asyncio.to_thread(_prepare, args.bomb_mb, workdir)
@@ -238,10 +242,7 @@ async def run_hostile(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     if server["error_count"]:
         failures.append(f"{server['error_count']} error lines in the gateway log")
     return {
-        **run_stamp("chaos-hostile"),
-        "seconds": args.seconds,
-        "rate": args.rate,
-        "seed": args.seed,
+        **chaos_head("chaos-hostile", args),
         "bomb": {"inflates_to_mb": args.bomb_mb, "bytes": len(bomb)},
         "requests": len(samples),
         "statuses": counts(s.status for s in samples),
