@@ -161,6 +161,21 @@ def product_env(sims: Simulators, catalog_dsn: str, redis_url: str) -> dict[str,
 
 
 @pytest.fixture
+def served_env(
+    monkeypatch: pytest.MonkeyPatch, sims: Simulators, catalog_dsn: str, redis_url: str
+) -> Callable[..., dict[str, str]]:
+    """Return `put(admin_token, **extra)`: it sets, for this test, the environment that points
+    the shipped gateway.yaml at the simulators, the seeded catalog and the real Redis, as a
+    gateway served in-process (and its reloads) reads it, and returns it."""
+    from tests.config_files import set_server_env
+
+    def put(admin_token: str | None = "admin-token-for-the-tests", **extra: str) -> dict[str, str]:
+        return set_server_env(monkeypatch, sims, catalog_dsn, redis_url, admin_token, **extra)
+
+    return put
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A client session with no connection limit: a burst of N is N requests in flight."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.plan import build_plan
 from gateway.simulator import Simulators
-from tests.config_files import config_text, read, set_server_env, write_atomically, write_config
+from tests.config_files import config_text, read, write_atomically, write_config
 from tests.serving import serving
 from tests.support import free_port
 
@@ -27,13 +27,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def env(
-    sims: Simulators,
-    catalog_dsn: str,
-    redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> dict[str, str]:
-    return set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN, PRICING_TOKEN=SECRET)
+def env(served_env: Callable[..., dict[str, str]]) -> dict[str, str]:
+    return served_env(TOKEN, PRICING_TOKEN=SECRET)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +18,7 @@ from selenium.webdriver.common.by import By
 
 from gateway.app import create_app
 from gateway.simulator import Simulators
-from tests.config_files import config_text, set_server_env, write_config
+from tests.config_files import config_text, write_config
 from tests.serving import serving
 
 pytestmark = pytest.mark.browser
@@ -55,13 +56,11 @@ def chromium(profile: str) -> webdriver.Chrome:
 
 async def test_dashboard_shows_every_source_of_the_config(
     sims: Simulators,
-    catalog_dsn: str,
-    redis_url: str,
     redis_prefix: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    served_env: Callable[..., dict[str, str]],
 ) -> None:
-    set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN)
+    served_env(TOKEN)
     path = write_config(tmp_path, config_text(redis_prefix))
     sims.behaviour("reviews").update({"delay_ms": 20, "jitter_ms": 30})
     async with serving(create_app(str(path))) as base:

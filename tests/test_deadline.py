@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +18,7 @@ from gateway import config
 from gateway.app import create_app
 from gateway.plan import build_plan
 from gateway.simulator import Simulators
-from tests.config_files import set_server_env, write_config
+from tests.config_files import write_config
 from tests.serving import serving
 
 DEADLINE_S = 1.0
@@ -47,14 +48,9 @@ endpoints:
 
 @pytest.fixture
 def config_file(
-    tmp_path: Path,
-    redis_prefix: str,
-    sims: Simulators,
-    catalog_dsn: str,
-    redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, redis_prefix: str, served_env: Callable[..., dict[str, str]]
 ) -> Path:
-    set_server_env(monkeypatch, sims, catalog_dsn, redis_url)
+    served_env()
     return write_config(
         tmp_path, CONFIG.format(prefix=redis_prefix, deadline_ms=int(DEADLINE_S * 1000))
     )

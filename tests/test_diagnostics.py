@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -16,8 +16,7 @@ import pytest
 from cache.redis import redis_store
 from gateway.app import create_app
 from gateway.diagnostics import TRACEMALLOC_ENV, memory_report, process_report
-from gateway.simulator import Simulators
-from tests.config_files import config_text, set_server_env, write_config
+from tests.config_files import config_text, write_config
 from tests.serving import serving
 
 TOKEN = "diagnostics-token"
@@ -26,14 +25,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 def config_file(
-    tmp_path: Path,
-    redis_prefix: str,
-    sims: Simulators,
-    catalog_dsn: str,
-    redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, redis_prefix: str, served_env: Callable[..., dict[str, str]]
 ) -> Path:
-    set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN)
+    served_env(TOKEN)
     return write_config(tmp_path, config_text(redis_prefix))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,6 @@ from tests.config_files import (
     gateway_process,
     read,
     server_env,
-    set_server_env,
     write_config,
 )
 from tests.serving import serving
@@ -36,10 +36,18 @@ CALLS = {
 
 
 @pytest.fixture
-def env(
-    sims: Simulators, catalog_dsn: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> dict[str, str]:
-    return set_server_env(monkeypatch, sims, catalog_dsn, redis_url, admin_token=None)
+def env(served_env: Callable[..., dict[str, str]]) -> dict[str, str]:
+    return served_env(admin_token=None)
+
+
+@pytest.fixture
+def config_file(env: dict[str, str], tmp_path: Path, redis_prefix: str) -> Callable[..., Path]:
+    """Return a writer of the test config, with `edits` made, for a gateway served in-process."""
+
+    def write(edits: dict[str, str] | None = None) -> Path:
+        return write_config(tmp_path, config_text(redis_prefix, edits))
+
+    return write
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -67,9 +75,9 @@ async def scrape(
 
 
 async def test_metrics_count_requests_calls_cache_pools_and_breakers(
-    env: dict[str, str], tmp_path: Path, redis_prefix: str, http: aiohttp.ClientSession
+    config_file: Callable[..., Path], http: aiohttp.ClientSession
 ) -> None:
-    path = write_config(tmp_path, config_text(redis_prefix))
+    path = config_file()
     async with serving(create_app(str(path))) as base:
         for i in (1, 2, 3, 1, 1):
             async with http.get(f"{base}/products/{i}") as resp:
@@ -111,13 +119,11 @@ async def test_metrics_count_requests_calls_cache_pools_and_breakers(
 
 
 async def test_metrics_count_retries_fallbacks_and_breaker_transitions(
-    env: dict[str, str],
-    tmp_path: Path,
-    redis_prefix: str,
+    config_file: Callable[..., Path],
     http: aiohttp.ClientSession,
     sims: Simulators,
 ) -> None:
-    path = write_config(tmp_path, config_text(redis_prefix, {"min_calls: 20": "min_calls: 5"}))
+    path = config_file({"min_calls: 20": "min_calls: 5"})
     sims.behaviour("pricing").update({"error_rate": 1.0})
     async with serving(create_app(str(path))) as base:
         for i in range(1, 21):
@@ -140,15 +146,13 @@ async def test_metrics_count_retries_fallbacks_and_breaker_transitions(
 
 
 async def test_metrics_count_hedges(
-    env: dict[str, str],
-    tmp_path: Path,
-    redis_prefix: str,
+    config_file: Callable[..., Path],
     http: aiohttp.ClientSession,
     sims: Simulators,
 ) -> None:
     reviews = '9103}", timeout_ms: 2000}'
     hedged = '9103}", timeout_ms: 2000, hedge: {after_ms: 30}}'
-    path = write_config(tmp_path, config_text(redis_prefix, {reviews: hedged}))
+    path = config_file({reviews: hedged})
     sims.behaviour("reviews").update({"delay_ms": 80})  # every first request is late
     async with serving(create_app(str(path))) as base:
         for i in range(1, 4):

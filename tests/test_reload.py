@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,6 @@ from tests.config_files import (
     config_text,
     gateway_process,
     server_env,
-    set_server_env,
     with_extra_source,
     write_atomically,
     write_config,
@@ -35,10 +35,8 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 @pytest.fixture
-def env(
-    sims: Simulators, catalog_dsn: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> dict[str, str]:
-    return set_server_env(monkeypatch, sims, catalog_dsn, redis_url, TOKEN)
+def env(served_env: Callable[..., dict[str, str]]) -> dict[str, str]:
+    return served_env(TOKEN)
 
 
 def two_configs(prefix: str, generous: bool = True) -> tuple[str, str]:
