@@ -7,18 +7,17 @@ import asyncio
 import json
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from gateway.app import Gateway, create_app
-from gateway.simulator import Simulators
 from tests.config_files import (
     config_text,
     gateway_process,
-    server_env,
     with_extra_source,
     write_atomically,
     write_config,
@@ -190,28 +189,38 @@ async def test_reload_keeps_unchanged_pools_and_closes_removed_ones_after_their_
             assert (await resp.json())["_meta"]["complete"] is True
 
 
-def two_config_files(redis_prefix: str, tmp_path: Path) -> tuple[str, Path, int]:
-    """Write config A to gateway.yaml in `tmp_path`; return config B, the path and a free port."""
+@asynccontextmanager
+async def served_file(
+    env: dict[str, str], redis_prefix: str, tmp_path: Path, *args: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path, str, str]]:
+    """Run `gateway serve *args` on config A, written to a file; yield the process, the file,
+    config B and the base URL. Its log is gateway.log in `tmp_path`."""
     a, b = two_configs(redis_prefix)
     path = write_config(tmp_path, a)
-    return b, path, free_port()
+    port = free_port()
+    async with gateway_process(path, port, env, tmp_path / "gateway.log", *args) as proc:
+        yield proc, path, b, f"http://127.0.0.1:{port}"
+
+
+async def wait_for_extra(http: aiohttp.ClientSession, base: str) -> None:
+    """Return once the served config has the `extra` source (or after 10 s of asking)."""
+    for _ in range(100):
+        if "extra" in await source_names(http, base):
+            return
+        await asyncio.sleep(0.1)
 
 
 async def test_sighup_reloads_a_served_gateway(
-    sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
+    env: dict[str, str], redis_prefix: str, tmp_path: Path
 ) -> None:
-    b, path, port = two_config_files(redis_prefix, tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    env = server_env(sims, catalog_dsn, redis_url, TOKEN)
-    logs = tmp_path / "gateway.log"
-    async with gateway_process(path, port, env, logs) as proc, aiohttp.ClientSession() as http:
+    async with (
+        served_file(env, redis_prefix, tmp_path) as (proc, path, b, base),
+        aiohttp.ClientSession() as http,
+    ):
         assert "extra" not in await source_names(http, base)
         write_atomically(path, b)
         proc.send_signal(signal.SIGHUP)
-        for _ in range(100):
-            if "extra" in await source_names(http, base):
-                break
-            await asyncio.sleep(0.1)
+        await wait_for_extra(http, base)
         assert "extra" in await source_names(http, base)
         async with http.get(f"{base}/products/5") as resp:
             assert resp.status == 200
@@ -220,22 +229,18 @@ async def test_sighup_reloads_a_served_gateway(
         await asyncio.sleep(1.0)
         assert "extra" in await source_names(http, base)  # refused: still the last good one
         assert proc.returncode is None
-    text = logs.read_text()
+    text = (tmp_path / "gateway.log").read_text()
     assert '"config_reload_refused"' in text and "timeout_ms" in text
 
 
 async def test_watch_reloads_when_the_file_changes(
-    sims: Simulators, catalog_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
+    env: dict[str, str], redis_prefix: str, tmp_path: Path
 ) -> None:
-    b, path, port = two_config_files(redis_prefix, tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    env = server_env(sims, catalog_dsn, redis_url, TOKEN)
-    logs = tmp_path / "gateway.log"
-    async with gateway_process(path, port, env, logs, "--watch"), aiohttp.ClientSession() as http:
+    async with (
+        served_file(env, redis_prefix, tmp_path, "--watch") as (_, path, b, base),
+        aiohttp.ClientSession() as http,
+    ):
         assert "extra" not in await source_names(http, base)
         write_atomically(path, b)
-        for _ in range(100):
-            if "extra" in await source_names(http, base):
-                break
-            await asyncio.sleep(0.1)
+        await wait_for_extra(http, base)
         assert "extra" in await source_names(http, base)
