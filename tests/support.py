@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
+from multidict import CIMultiDict
+
 from gateway.types import Call, Upstream
 
 # --- ports -----------------------------------------------------------------------------------
@@ -247,6 +250,26 @@ def failing(exc: BaseException) -> Any:
 def exploding() -> Any:
     """A source with a bug: it raises something that is not a SourceError."""
     return failing(ZeroDivisionError("a bug, not an outage"))
+
+
+# --- waiting and asking ------------------------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], what: str = "", within_s: float = 5.0) -> None:
+    """Return once `condition()` holds; fail, saying `what` was awaited, after `within_s`."""
+    for _ in range(int(within_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what or 'the condition'}: not true within {within_s} s")
+
+
+async def get(
+    http: aiohttp.ClientSession, url: str, **headers: str
+) -> tuple[int, CIMultiDict[str], bytes]:
+    """GET `url`; return the status, a copy of the headers and the body."""
+    async with http.get(url, headers=headers) as resp:
+        return resp.status, resp.headers.copy(), await resp.read()
 
 
 # --- HTTP sources (conftest's `client`, `server` and `start` fixtures) -------------------------

@@ -9,11 +9,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 import pytest
-from multidict import CIMultiDict
 
 from gateway.simulator import Simulators
 from tests.serving import product_view_config, product_view_env, serving_config
-from tests.support import free_port
+from tests.support import free_port, get
 
 PRODUCTS = 500
 
@@ -22,13 +21,6 @@ PRODUCTS = 500
 async def gateway(product_env: dict[str, str], redis_prefix: str) -> AsyncIterator[str]:
     async with serving_config(product_view_config(product_env, redis_prefix)) as url:
         yield url
-
-
-async def get(
-    http: aiohttp.ClientSession, url: str, **headers: str
-) -> tuple[int, CIMultiDict[str], bytes]:
-    async with http.get(url, headers=headers) as resp:
-        return resp.status, resp.headers.copy(), await resp.read()
 
 
 async def test_complete_product_view(gateway: str, http: aiohttp.ClientSession) -> None:

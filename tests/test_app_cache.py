@@ -15,14 +15,13 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from multidict import CIMultiDict
 
 from gateway.config import LoadedConfig
 from gateway.simulator import SERVICES, Simulators
 from tests.config_files import GENEROUS, config_text, gateway_process, server_env
 from tests.redis_servers import stop
 from tests.serving import product_view_config, product_view_env, serving_config
-from tests.support import free_port
+from tests.support import free_port, get, until
 
 PRODUCTS = 500
 TOKEN = "admin-token-for-cache-tests"
@@ -67,22 +66,6 @@ def ttl(ttl_s: int = 60, partial_ttl_s: int = 5) -> dict[str, str]:
 def delay(sims: Simulators, ms: float) -> None:
     for name in SERVICES:
         sims.behaviour(name).update({"delay_ms": ms})
-
-
-async def get(
-    http: aiohttp.ClientSession, url: str, **headers: str
-) -> tuple[int, CIMultiDict[str], bytes]:
-    async with http.get(url, headers=headers) as resp:
-        return resp.status, resp.headers.copy(), await resp.read()
-
-
-async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Return once `condition()` holds; fail after `within_s`."""
-    for _ in range(int(within_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not true within {within_s} s")
 
 
 # --- single-flight ----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from gateway.simulator import Simulators
 from tests.config_files import GENEROUS
 from tests.redis_servers import Cluster
 from tests.serving import product_view_config, product_view_env, serving
+from tests.support import get, until
 
 PRODUCTS = 500
 UNKNOWN = PRODUCTS + 1000
@@ -69,21 +70,6 @@ async def gateway(config: LoadedConfig) -> AsyncIterator[tuple[str, list[str]]]:
 
         cache.on_event = observe
         yield url, events
-
-
-async def get(
-    http: aiohttp.ClientSession, url: str, **headers: str
-) -> tuple[int, Mapping[str, str], bytes]:
-    async with http.get(url, headers=headers) as resp:
-        return resp.status, resp.headers.copy(), await resp.read()
-
-
-async def until(condition: Callable[[], bool], what: str, within_s: float = 5.0) -> None:
-    for _ in range(int(within_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{what}: not within {within_s} s")
 
 
 def keys_and_ttls(redis_url: str, prefix: str) -> dict[bytes, int]:

@@ -20,7 +20,7 @@ from cache.policy import CachePolicy, CacheSettings, NearSettings
 from cache.redis import RedisStore, redis_store
 from gateway.config import CacheConfig, NearCacheConfig
 from tests.redis_servers import stop
-from tests.support import free_port
+from tests.support import free_port, until
 
 POLICY = CachePolicy(
     ttl_s=60,
@@ -101,15 +101,6 @@ class Counting:
 
 def soon(seconds: float = 5.0) -> float:
     return asyncio.get_running_loop().time() + seconds
-
-
-async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Return once `condition()` holds; fail after `within_s`."""
-    for _ in range(int(within_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not true within {within_s} s")
 
 
 async def subscribed(cache: CompositeCache) -> NearCache:
