@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import prepend_run, tree_version  # noqa: E402
 from gateway.catalog import seed_mysql  # noqa: E402
+from gateway.simulator import SERVICES  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
-SERVICES = ("pricing", "inventory", "reviews", "recs")
 LATENCY = {"pricing": 20, "inventory": 30, "reviews": 50, "recs": 40}
 JITTER_MS = 5
 DEADLINE_MS = 300
