@@ -328,11 +328,11 @@ class Leaky:
     async def eval(self, *args: object) -> object:
         raise self.exc
 
-    def register_script(self, script: str) -> Callable[..., Awaitable[object]]:
-        async def run(*args: object, **kwargs: object) -> object:
-            raise self.exc
+    async def execute_command(self, *args: object) -> object:
+        raise self.exc
 
-        return run
+    def register_script(self, script: str) -> LeakyScript:
+        return LeakyScript(self.exc, script)
 
     async def smembers(self, *args: object) -> object:
         raise self.exc
@@ -346,6 +346,19 @@ class Leaky:
     async def aclose(self) -> None:
         if isinstance(self.exc, Exception):
             raise self.exc
+
+
+class LeakyScript:
+    """A registered script of a `Leaky` client: called, it fails as its client does."""
+
+    sha = "0" * 40
+
+    def __init__(self, exc: BaseException, script: str) -> None:
+        self.exc = exc
+        self.script = script
+
+    async def __call__(self, *args: object, **kwargs: object) -> object:
+        raise self.exc
 
 
 @pytest.mark.parametrize(
