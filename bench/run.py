@@ -56,6 +56,10 @@ class Scenario:
     delays: bool = False
     faults: bool = False
     targets: tuple[str, ...] = ("baseline", "gateway")
+    path: str = ""
+    """The gateway's path, when not the one `cached` implies (the baseline's is /products/)."""
+    against: str = ""
+    """The baseline scenario a gateway-only one is compared with."""
 
 
 SCENARIOS = (
@@ -70,7 +74,25 @@ SCENARIOS = (
         targets=("gateway",),
     ),
     Scenario("faults", "every upstream 5 % 503s and 3 % hangs (30 s)", 8, faults=True),
+    Scenario(
+        "saturation",
+        "upstreams 0 ms, random ids, 64 connections; the endpoint's cache on Redis never stores",
+        64,
+        path="/nostore/products/",
+        targets=("baseline", "gateway-redis"),
+    ),
+    Scenario(
+        "hit-redis",
+        "hot set of 100 ids, cache on Redis, no near tier (gateway only)",
+        ids=(1, HOT_IDS),
+        cached=True,
+        targets=("gateway-redis",),
+        against="miss",
+    ),
 )
+AGAINST = {"hit": "miss", **{s.name: s.against for s in SCENARIOS if s.against}}
+"""Gateway-only scenarios and the baseline scenario each is compared with."""
+GATEWAYS = ("gateway", "gateway-redis")
 
 
 @dataclass
@@ -315,15 +337,15 @@ def table(results: list[Result]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        b = base.get(r.scenario if r.scenario != "hit" else "miss")
+        b = base.get(AGAINST.get(r.scenario, r.scenario))
         ratios = ["", "", ""]
-        if r.target == "gateway" and b:
+        if r.target in GATEWAYS and b:
             ratios = [
                 _ratio(r.cpu_ms_per_response, b.cpu_ms_per_response),
                 _ratio(r.rps, b.rps),
                 _ratio(r.p99_ms, b.p99_ms),
             ]
-            if r.scenario == "hit":
+            if r.scenario in AGAINST:
                 ratios = [f"{ratios[0]} (vs miss)", f"{ratios[1]} (vs miss)", ""]
         rows.append(
             f"| {r.scenario} | {r.target} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.1f} "
@@ -354,9 +376,27 @@ def targets(results: list[Result]) -> list[str]:
     hit = both("hit", "miss")
     v = hit[0].cpu_ms_per_response / hit[1].cpu_ms_per_response if hit else None
     lines.append(
-        f"- hit-path CPU per response <= 0.15x baseline miss path: "
+        f"- hit-path CPU per response (memory) <= 0.10x baseline miss path: "
+        f"{mark(None if v is None else v <= 0.10)}" + (f" ({v:.2f}x)" if v else "")
+    )
+    redis_hit = got.get(("hit-redis", "gateway-redis"))
+    v = redis_hit.cpu_ms_per_response / miss[1].cpu_ms_per_response if redis_hit and miss else None
+    lines.append(
+        f"- hit-path CPU per response (Redis) <= 0.15x baseline miss path: "
         f"{mark(None if v is None else v <= 0.15)}" + (f" ({v:.2f}x)" if v else "")
     )
+    sat = got.get(("saturation", "gateway-redis")), got.get(("saturation", "baseline"))
+    v = sat[0].cpu_ms_per_response / sat[1].cpu_ms_per_response if sat[0] and sat[1] else None
+    lines.append(
+        f"- saturation (64 connections, cache on Redis) miss CPU per response <= 1.2x baseline: "
+        f"{mark(None if v is None else v <= 1.2)}" + (f" ({v:.2f}x)" if v else "")
+    )
+    if sat[0] and sat[1]:
+        lines.append(
+            f"- saturation: no 504 the baseline does not also have: "
+            f"{mark(sat[0].non2xx <= sat[1].non2xx)} "
+            f"(non-2xx {sat[0].non2xx} against {sat[1].non2xx})"
+        )
     slowest = max(LATENCY.values())
     lat = got.get(("latency-8", "gateway"))
     lines.append(
@@ -427,6 +467,11 @@ def main() -> None:
         default="memory://",
         help="the gateway's cache, e.g. redis://127.0.0.1:6379/0",
     )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="the cache of the second gateway (gateway-redis: scenarios saturation, hit-redis)",
+    )
     parser.add_argument("--scenarios", help="comma-separated subset, e.g. miss,hit,stampede")
     args = parser.parse_args()
     seconds = args.duration or (1.0 if args.quick else 15.0)
@@ -435,6 +480,10 @@ def main() -> None:
     command = " ".join(["python bench/run.py", *sys.argv[1:]])
     python = sys.executable
     run_targets = [t for t in ("baseline", "gateway") if args.only in (None, t)]
+    if "gateway" in run_targets and not (
+        wanted and wanted.isdisjoint(s.name for s in SCENARIOS if "gateway-redis" in s.targets)
+    ):
+        run_targets.append("gateway-redis")
     if "gateway" in run_targets and not gateway_available(python):
         raise SystemExit("`gateway serve` is not available in this checkout; use --only baseline")
 
@@ -446,7 +495,7 @@ def main() -> None:
     logs.mkdir(parents=True)
     base = free_port(4)
     sim_urls = {name: f"http://127.0.0.1:{base + i}" for i, name in enumerate(SERVICES)}
-    ports = {"baseline": free_port(), "gateway": free_port()}
+    ports = {"baseline": free_port(), "gateway": free_port(), "gateway-redis": free_port()}
     prefix = f"gwbench:{uuid.uuid4().hex[:8]}:"
     env = os.environ | {
         "CATALOG_DSN": args.mysql,
@@ -486,7 +535,19 @@ def main() -> None:
     with process("simulator", sim_argv, env, logs) as sim_pid:
         wait_ready(f"{sim_urls['recs']}/_stats", sim_pid, logs / "simulator.log")
         with ExitStack() as stack:
-            pids = {t: stack.enter_context(process(t, argv[t], env, logs)) for t in run_targets}
+            envs = {t: env for t in run_targets}
+            # The same gateway, with its cache on Redis (and a key prefix of its own).
+            envs["gateway-redis"] = env | {
+                "BENCH_CACHE_URL": args.redis_url,
+                "BENCH_CACHE_PREFIX": f"{prefix}r:",
+            }
+            argv["gateway-redis"] = [
+                *(
+                    str(ports["gateway-redis"]) if a == str(ports["gateway"]) else a
+                    for a in argv["gateway"]
+                )
+            ]
+            pids = {t: stack.enter_context(process(t, argv[t], envs[t], logs)) for t in run_targets}
             for t in run_targets:
                 wait_ready(f"http://127.0.0.1:{ports[t]}/healthz", pids[t], logs / f"{t}.log")
             for sc in SCENARIOS:
@@ -497,6 +558,8 @@ def main() -> None:
                     if t not in sc.targets:
                         continue
                     prefix_path = "/cached/products/" if sc.cached else "/products/"
+                    if sc.path and t != "baseline":
+                        prefix_path = sc.path
                     url = f"http://127.0.0.1:{ports[t]}{prefix_path}"
                     run_wrk(url, sc, warmup, pids[t])
                     r = run_wrk(url, sc, seconds, pids[t])
