@@ -91,6 +91,7 @@ async def test_a_miss_sends_one_command_before_its_fan_out_and_a_hit_one_in_all(
     assert (hit.state, hit.entry.body, compute.calls) == ("HIT", b'{"n":1}', 1)
     assert await commands(probe) - base == Counter({"evalsha": 1, "getrange": 1})
 
+
 async def test_an_endpoint_that_never_stores_never_talks_to_redis(
     server: tuple[CompositeCache, Redis],
 ) -> None:
