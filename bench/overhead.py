@@ -23,10 +23,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway import config  # noqa: E402
 from gateway.app import create_app  # noqa: E402
-from gateway.plan import guard  # noqa: E402
-from gateway.types import Call, Upstream  # noqa: E402
+from gateway.config import loader as config  # noqa: E402
+from gateway.core.plan import guard  # noqa: E402
+from gateway.core.types import Call, Upstream  # noqa: E402
 from tests.support import scope  # noqa: E402
 
 PRODUCT = {"id": 1, "sku": "SKU-1", "name": "Lamp", "brand": "Acme", "category": "lighting"}

@@ -32,8 +32,8 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import prepend_run, tree_version  # noqa: E402
-from gateway.catalog import seed_mysql  # noqa: E402
-from gateway.simulator import SERVICES  # noqa: E402
+from gateway.demo.catalog import seed_mysql  # noqa: E402
+from gateway.demo.simulator import SERVICES  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 LATENCY = {"pricing": 20, "inventory": 30, "reviews": 50, "recs": 40}
@@ -531,7 +531,7 @@ def main() -> None:
     results: list[Result] = []
     started = time.monotonic()
     load_before = Path("/proc/loadavg").read_text().split()[0]
-    sim_argv = [python, "-m", "gateway.simulator", "--port-base", str(base)]
+    sim_argv = [python, "-m", "gateway.demo.simulator", "--port-base", str(base)]
     with process("simulator", sim_argv, env, logs) as sim_pid:
         wait_ready(f"{sim_urls['recs']}/_stats", sim_pid, logs / "simulator.log")
         with ExitStack() as stack:

@@ -19,18 +19,19 @@ from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
 from starlette.routing import BaseRoute, Route
 
-from gateway import admin, log, runtime
-from gateway import config as config_mod
-from gateway.diagnostics import LoopLag, start_tracing_from_env
-from gateway.edge import EndpointHandler
-from gateway.errors import ConfigError, SourceError
-from gateway.metrics import Metrics, multiprocess_dir, request_observer, sample_forever
-from gateway.metrics import endpoint as metrics_endpoint
-from gateway.openapi import endpoint_paths, install_docs, validation_schemas
-from gateway.plan import EndpointPlan, build_plans
-from gateway.readiness import Readiness
-from gateway.routing import outer_stack
-from gateway.stats import Stats
+from gateway import runtime
+from gateway.config import loader as config_mod
+from gateway.core.errors import ConfigError, SourceError
+from gateway.core.plan import EndpointPlan, build_plans
+from gateway.edge.endpoint import EndpointHandler
+from gateway.edge.openapi import endpoint_paths, install_docs, validation_schemas
+from gateway.edge.routing import outer_stack
+from gateway.ops import admin, log
+from gateway.ops.diagnostics import LoopLag, start_tracing_from_env
+from gateway.ops.metrics import Metrics, multiprocess_dir, request_observer, sample_forever
+from gateway.ops.metrics import endpoint as metrics_endpoint
+from gateway.ops.readiness import Readiness
+from gateway.ops.stats import Stats
 
 _log = structlog.get_logger("gateway.app")
 
@@ -219,7 +220,7 @@ def create_app(
     app.state.gateway = gw
     gw.app = app
     framework_stack = app.build_middleware_stack
-    # Starlette builds its stack on the first request; ours wraps it (see gateway/routing.py).
+    # Starlette builds its stack on the first request; ours wraps it (see gateway/edge/routing.py).
     app.build_middleware_stack = lambda: outer_stack(  # type: ignore[method-assign]
         framework_stack(),
         gw.endpoint_routes,

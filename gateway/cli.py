@@ -8,8 +8,8 @@ import shutil
 import sys
 import tempfile
 
-from gateway import config
-from gateway.errors import ConfigError
+from gateway.config import loader as config
+from gateway.core.errors import ConfigError
 
 
 def check(path: str) -> int:
@@ -32,7 +32,7 @@ def serve(
     """Run the gateway under uvicorn (uvloop, httptools) until interrupted."""
     import uvicorn
 
-    from gateway.server import uvicorn_options
+    from gateway.edge.server import uvicorn_options
 
     if check_quietly(path) != 0 or not admin_token_ok():
         return 1
@@ -78,7 +78,7 @@ def check_quietly(path: str) -> int:
 
 def admin_token_ok() -> bool:
     """Return whether `GATEWAY_ADMIN_TOKEN` is unset or long enough; otherwise print why not."""
-    from gateway import admin
+    from gateway.ops import admin
 
     try:
         admin.token_from_env()
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(check(args.file))
     if args.command == "serve":
         sys.exit(serve(args.config, args.host, args.port, args.workers, args.log_level, args.watch))
-    from gateway import demo
+    from gateway.demo import main as demo
 
     if not admin_token_ok():
         sys.exit(1)

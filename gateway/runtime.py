@@ -10,13 +10,12 @@ import structlog
 
 from cache.composite import CompositeCache, open_cache
 from cache.policy import CachePolicy, CacheSettings, NearSettings
-from gateway.config import (
+from gateway.config.loader import (
     CacheConfig,
     LoadedConfig,
 )
-from gateway.executor import Composite
-from gateway.metrics import Metrics
-from gateway.plan import (
+from gateway.core.executor import Composite
+from gateway.core.plan import (
     EndpointPlan,
     Guarded,
     SourcePlan,
@@ -25,9 +24,10 @@ from gateway.plan import (
     guard,
     open_upstream,
 )
-from gateway.plan import cache_policy as cache_policy  # where tests and tools have found it
-from gateway.stats import Stats
-from gateway.types import Call, Source, Upstream
+from gateway.core.plan import cache_policy as cache_policy  # where tests and tools have found it
+from gateway.core.types import Call, Source, Upstream
+from gateway.ops.metrics import Metrics
+from gateway.ops.stats import Stats
 
 _log = structlog.get_logger("gateway.runtime")
 

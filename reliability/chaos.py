@@ -24,8 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.catalog import seed_mysql  # noqa: E402
-from gateway.diagnostics import LoopLag  # noqa: E402
+from gateway.demo.catalog import seed_mysql  # noqa: E402
+from gateway.ops.diagnostics import LoopLag  # noqa: E402
 from reliability.harness import (  # noqa: E402
     SERVICES,
     Stack,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import prepend_run, tree_version
-from gateway.simulator import SERVICES
+from gateway.demo.simulator import SERVICES
 from tests.support import MariaDB, crash, free_port, redis_server_argv, stop, wait_port
 from tests.support import ThrowawayError as HarnessError
 
@@ -76,7 +76,7 @@ class RedisServer:
 
 @dataclass
 class SimulatorProcess:
-    """`python -m gateway.simulator --port-base N`: the four services in their own process."""
+    """`python -m gateway.demo.simulator --port-base N`: the four services in their own process."""
 
     workdir: Path
     port_base: int
@@ -90,7 +90,13 @@ class SimulatorProcess:
         """Start the services; return once every one answers /_stats."""
         with (self.workdir / "simulator.log").open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.simulator", "--port-base", str(self.port_base)],
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway.demo.simulator",
+                    "--port-base",
+                    str(self.port_base),
+                ],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -2,7 +2,7 @@
 chaos run's hostile mode (`python reliability/chaos.py --hostile`) that serves them to a real
 `gateway serve` under load and checks that none of it reaches the clients or the gateway's health.
 
-The cookie and bomb answers live in gateway/simulator.py, the one fake upstream server.
+The cookie and bomb answers live in gateway/demo/simulator.py, the one fake upstream server.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.catalog import seed_sqlite
-from gateway.simulator import (
+from gateway.demo.catalog import seed_sqlite
+from gateway.demo.simulator import (
     Handler,
     UpstreamServer,
     gzip_bomb,

@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.catalog import seed_mysql  # noqa: E402
+from gateway.demo.catalog import seed_mysql  # noqa: E402
 from reliability.harness import (  # noqa: E402
     Stack,
     rss_kb,

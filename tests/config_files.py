@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.simulator import Simulators
+from gateway.demo.simulator import Simulators
 
 ROOT = Path(__file__).resolve().parent.parent
 

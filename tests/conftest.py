@@ -7,8 +7,8 @@ reached here, the fixtures fail with what to do, never skip.
 Where test code comes from: tests import the packages and their own support modules
 (tests/support.py: the port finder, the throwaway MariaDB, the source fakes `ok`, `slow`,
 `failing`, `exploding`; tests/serving.py, config_files.py, redis_servers.py, payloads.py). The
-fake upstream HTTP server is `gateway.simulator` (the demo ships it). Tests never import `bench`
-or `reliability`: test_bench_smoke.py and test_reliability.py run them as programs, which is
+fake upstream HTTP server is `gateway.demo.simulator` (the demo ships it). Tests never import
+`bench` or `reliability`: test_bench_smoke.py and test_reliability.py run them as programs, which is
 testing them; what a test shares with them lives here, and they may import it from here.
 """
 
@@ -28,8 +28,8 @@ import pymysql
 import pytest
 import redis
 
-from gateway.simulator import Simulators, UpstreamServer, start_simulators
-from gateway.types import Upstream
+from gateway.core.types import Upstream
+from gateway.demo.simulator import Simulators, UpstreamServer, start_simulators
 from tests import redis_servers
 from tests.support import Client, Start
 from upstreams.http import HttpSettings, http_source
@@ -135,7 +135,7 @@ PRODUCTS = 500
 @pytest.fixture(scope="session")
 def catalog_dsn(mysql_url: str) -> str:
     """The test database, seeded with the products table."""
-    from gateway.catalog import seed_mysql
+    from gateway.demo.catalog import seed_mysql
 
     asyncio.run(seed_mysql(mysql_url, PRODUCTS))
     return mysql_url

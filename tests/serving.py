@@ -10,10 +10,10 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from gateway import config
 from gateway.app import create_app
-from gateway.server import http_protocol
-from gateway.simulator import Simulators
+from gateway.config import loader as config
+from gateway.demo.simulator import Simulators
+from gateway.edge.server import http_protocol
 from tests.config_files import server_env
 from tests.support import free_port
 

@@ -4,7 +4,7 @@ function fakes of a source (`ok`, `slow`, `failing`, `exploding`; each counts it
 
 Tests import this module and the package, never `bench` or `reliability`; those two may import
 this module (they RUN the gateway the way tests do). The fake upstream HTTP server lives in the
-package, `gateway/simulator.py`, because the demo ships it.
+package, `gateway/demo/simulator.py`, because the demo ships it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import aiohttp
 from multidict import CIMultiDict
 
-from gateway.types import Call, Upstream
+from gateway.core.types import Call, Upstream
 
 # --- ports -----------------------------------------------------------------------------------
 

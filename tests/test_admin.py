@@ -13,9 +13,9 @@ import pytest
 
 from cache.keys import composite_key
 from gateway.app import create_app
-from gateway.config import GatewayConfig
-from gateway.plan import build_plan
-from gateway.simulator import Simulators
+from gateway.config.loader import GatewayConfig
+from gateway.core.plan import build_plan
+from gateway.demo.simulator import Simulators
 from tests.config_files import config_text, read, write_atomically, write_config
 from tests.serving import serving
 from tests.support import free_port

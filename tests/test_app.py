@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.simulator import Simulators
+from gateway.demo.simulator import Simulators
 from tests.serving import product_view_config, product_view_env, serving_config
 from tests.support import free_port, get
 

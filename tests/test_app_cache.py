@@ -16,8 +16,8 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.config import LoadedConfig
-from gateway.simulator import SERVICES, Simulators
+from gateway.config.loader import LoadedConfig
+from gateway.demo.simulator import SERVICES, Simulators
 from tests.config_files import GENEROUS, config_text, gateway_process, server_env
 from tests.redis_servers import stop
 from tests.serving import product_view_config, product_view_env, serving_config

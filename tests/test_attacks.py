@@ -18,9 +18,9 @@ import pymysql
 import pytest
 import yarl
 
-from gateway import config
-from gateway.catalog import seed_mysql
-from gateway.simulator import UpstreamServer, json_body, raw, start_simulators
+from gateway.config import loader as config
+from gateway.demo.catalog import seed_mysql
+from gateway.demo.simulator import UpstreamServer, json_body, raw, start_simulators
 from tests.config_files import gateway_process, server_env, write_config
 from tests.serving import serving_config
 from tests.support import free_port

@@ -29,10 +29,10 @@ from cache.composite import open_cache
 from cache.entry import Entry, decode, encode, make_entry
 from cache.policy import CachePolicy, CacheSettings
 from cache.redis import redis_store
-from gateway import edge
 from gateway.app import create_app
-from gateway.config import LoadedConfig
-from gateway.simulator import Simulators
+from gateway.config.loader import LoadedConfig
+from gateway.demo.simulator import Simulators
+from gateway.edge import endpoint as edge
 from tests.config_files import GENEROUS
 from tests.redis_servers import Cluster
 from tests.serving import product_view_config, product_view_env, serving

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from gateway.app import create_app
-from gateway.simulator import Simulators
+from gateway.demo.simulator import Simulators
 from tests.config_files import (
     config_text,
     gateway_process,

@@ -18,10 +18,11 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway import cli, config
+from gateway import cli
 from gateway.app import create_app
-from gateway.readiness import Readiness
-from gateway.simulator import UpstreamServer, echo, json_body
+from gateway.config import loader as config
+from gateway.demo.simulator import UpstreamServer, echo, json_body
+from gateway.ops.readiness import Readiness
 from tests.config_files import start_demo, wait_healthy, write_atomically
 from tests.serving import serving
 from tests.support import free_port

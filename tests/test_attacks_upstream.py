@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.config import HttpSourceConfig
-from gateway.errors import BadPayload, SourceError, SourceUnavailable
-from gateway.plan import Guarded, guard
-from gateway.simulator import UpstreamServer, echo, gzip_bomb, json_body, raw, set_cookies
-from gateway.types import Call, Upstream
+from gateway.config.loader import HttpSourceConfig
+from gateway.core.errors import BadPayload, SourceError, SourceUnavailable
+from gateway.core.plan import Guarded, guard
+from gateway.core.types import Call, Upstream
+from gateway.demo.simulator import UpstreamServer, echo, gzip_bomb, json_body, raw, set_cookies
 from tests.support import Client, Start
 
 BOMB_BYTES = 900 * 1024 * 1024  # what the bomb inflates to; it is ~0.9 MB on the wire

@@ -3,7 +3,7 @@ values a database driver cannot bind, header values a client cannot encode, and 
 nested deeper than the merge can encode. Each is an answer (200 with the call's fallback, or
 422), never a 500, and a refused parameter costs no source call.
 
-The app runs under uvicorn with a loopback upstream (gateway/simulator.py), a SQLite file
+The app runs under uvicorn with a loopback upstream (gateway/demo/simulator.py), a SQLite file
 and the real MariaDB catalog.
 """
 
@@ -21,13 +21,13 @@ import orjson
 import pytest
 from multidict import CIMultiDictProxy
 
-from gateway import config
-from gateway.catalog import seed_sqlite
-from gateway.config import HttpSourceConfig
-from gateway.errors import Unsendable
-from gateway.log import _request_id
-from gateway.simulator import UpstreamServer, json_body, raw
-from gateway.types import Call
+from gateway.config import loader as config
+from gateway.config.loader import HttpSourceConfig
+from gateway.core.errors import Unsendable
+from gateway.core.types import Call
+from gateway.demo.catalog import seed_sqlite
+from gateway.demo.simulator import UpstreamServer, json_body, raw
+from gateway.ops.log import _request_id
 from tests.serving import serving_config
 from tests.support import scope
 from upstreams.http import http_source

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.errors import (
+from gateway.core.errors import (
     BadPayload,
     CircuitOpen,
     NotFound,
@@ -15,7 +15,7 @@ from gateway.errors import (
     SourceTimeout,
     SourceUnavailable,
 )
-from gateway.types import Call
+from gateway.core.types import Call
 from upstreams.breaker import Breaker, BreakerSettings, Window
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.catalog import seed_sqlite
-from gateway.simulator import Simulators
+from gateway.demo.catalog import seed_sqlite
+from gateway.demo.simulator import Simulators
 from tests.config_files import GENEROUS
 from tests.serving import product_view_config, product_view_env, serving_config
 

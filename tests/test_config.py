@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config
-from gateway.errors import ConfigError
+from gateway.config import loader as config
+from gateway.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

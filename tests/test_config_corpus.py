@@ -23,11 +23,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import config
 from gateway.app import create_app
-from gateway.catalog import seed_mysql
-from gateway.errors import ConfigError
-from gateway.simulator import start_simulators
+from gateway.config import loader as config
+from gateway.core.errors import ConfigError
+from gateway.demo.catalog import seed_mysql
+from gateway.demo.simulator import start_simulators
 from tests.config_files import set_server_env, write_atomically
 from tests.serving import serving
 

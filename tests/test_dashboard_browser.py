@@ -17,7 +17,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from gateway.app import create_app
-from gateway.simulator import Simulators
+from gateway.demo.simulator import Simulators
 from tests.config_files import config_text, write_config
 from tests.serving import serving
 

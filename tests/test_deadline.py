@@ -14,10 +14,10 @@ import pytest
 
 from cache.keys import composite_key
 from cache.redis import redis_store
-from gateway import config
 from gateway.app import create_app
-from gateway.plan import build_plan
-from gateway.simulator import Simulators
+from gateway.config import loader as config
+from gateway.core.plan import build_plan
+from gateway.demo.simulator import Simulators
 from tests.config_files import write_config
 from tests.serving import serving
 

@@ -15,7 +15,7 @@ import pytest
 
 from cache.redis import redis_store
 from gateway.app import create_app
-from gateway.diagnostics import TRACEMALLOC_ENV, memory_report, process_report
+from gateway.ops.diagnostics import TRACEMALLOC_ENV, memory_report, process_report
 from tests.config_files import config_text, write_config
 from tests.serving import serving
 

@@ -9,8 +9,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.app import create_app
-from gateway.catalog import seed_sqlite
-from gateway.simulator import Simulators
+from gateway.demo.catalog import seed_sqlite
+from gateway.demo.simulator import Simulators
 from tests.serving import product_view_config, product_view_env
 from tests.support import asgi_get
 

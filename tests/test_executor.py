@@ -10,12 +10,12 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway import config
-from gateway.errors import NotFound, SourceUnavailable
-from gateway.executor import execute
-from gateway.merge import answer, encode, error_document, merge, with_stale_age
-from gateway.plan import EndpointPlan, build_plans
-from gateway.types import Call, Source
+from gateway.config import loader as config
+from gateway.core.errors import NotFound, SourceUnavailable
+from gateway.core.executor import execute
+from gateway.core.merge import answer, encode, error_document, merge, with_stale_age
+from gateway.core.plan import EndpointPlan, build_plans
+from gateway.core.types import Call, Source
 from tests.support import exploding, failing, ok, slow
 from upstreams.policies import timeout
 

@@ -1,7 +1,7 @@
 """Fault injection: scripted upstream faults against each policy, through the composed guard().
 
 Every case builds a real `HttpSourceConfig` (or `SqlSourceConfig`), starts the real adapter and
-wraps it with `gateway.plan.guard()`, so the policies run in the order the gateway uses. Each
+wraps it with `gateway.core.plan.guard()`, so the policies run in the order the gateway uses. Each
 case asserts the outcome, an upper bound on latency (the call's budget plus generous slack) and
 how many requests the upstream itself received.
 
@@ -26,10 +26,11 @@ import pymysql
 import pytest
 from aiohttp import web
 
-from gateway.config import HttpSourceConfig, SqlSourceConfig
-from gateway.errors import SourceError
-from gateway.plan import Guarded, guard, open_upstream
-from gateway.simulator import (
+from gateway.config.loader import HttpSourceConfig, SqlSourceConfig
+from gateway.core.errors import SourceError
+from gateway.core.plan import Guarded, guard, open_upstream
+from gateway.core.types import JSON, Call, Upstream
+from gateway.demo.simulator import (
     Handler,
     UpstreamServer,
     chunked,
@@ -40,7 +41,6 @@ from gateway.simulator import (
     slow,
     truncated,
 )
-from gateway.types import JSON, Call, Upstream
 from tests.support import MariaDB, free_port
 
 TIMEOUT_S = 0.25  # every source's timeout_ms here; a stalled machine must not cut a request

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from gateway import config
-from gateway.errors import ConfigError
-from gateway.simulator import UpstreamServer, echo
+from gateway.config import loader as config
+from gateway.core.errors import ConfigError
+from gateway.demo.simulator import UpstreamServer, echo
 from tests.serving import serving_config
 
 CONFIG = """\

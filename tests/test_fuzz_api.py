@@ -29,9 +29,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway import config
-from gateway.catalog import seed_mysql
-from gateway.simulator import SERVICES, Simulators, start_simulators
+from gateway.config import loader as config
+from gateway.demo.catalog import seed_mysql
+from gateway.demo.simulator import SERVICES, Simulators, start_simulators
 from tests.config_files import GENEROUS, set_server_env, write_config
 from tests.serving import serving_config
 

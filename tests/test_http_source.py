@@ -13,8 +13,10 @@ import httpx
 import pytest
 import respx
 
-from gateway.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable
-from gateway.simulator import (
+from gateway.core.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable
+from gateway.core.templates import parse
+from gateway.core.types import Call, Upstream
+from gateway.demo.simulator import (
     UpstreamServer,
     chunked,
     echo,
@@ -25,8 +27,6 @@ from gateway.simulator import (
     stall_mid_body,
     truncated,
 )
-from gateway.templates import parse
-from gateway.types import Call, Upstream
 from tests.payloads import HOSTILE
 from tests.support import Client, Start, free_port
 from upstreams.http import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import SourceUnavailable
-from gateway.types import Call
+from gateway.core.errors import SourceUnavailable
+from gateway.core.types import Call
 from upstreams.latency import Latency
 
 

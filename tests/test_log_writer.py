@@ -9,8 +9,8 @@ import json
 import threading
 import time
 
-from gateway.diagnostics import LoopLag
-from gateway.log import LineWriter
+from gateway.ops.diagnostics import LoopLag
+from gateway.ops.log import LineWriter
 
 
 class BlockingSink(io.StringIO):

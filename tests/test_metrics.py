@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
-from gateway.simulator import Simulators
+from gateway.demo.simulator import Simulators
 from tests.config_files import (
     config_text,
     gateway_process,

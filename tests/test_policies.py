@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from gateway.errors import (
+from gateway.core.errors import (
     BadPayload,
     CircuitOpen,
     NotFound,
@@ -20,7 +20,7 @@ from gateway.errors import (
     SourceUnavailable,
     Unsendable,
 )
-from gateway.types import Call
+from gateway.core.types import Call
 from tests.support import counted, failing, ok, slow
 from upstreams.breaker import BreakerSettings
 from upstreams.policies import Breaker, Budget, Hedge, Limit, Retry, RetrySettings, timeout

@@ -12,11 +12,11 @@ import asyncpg
 import orjson
 import pytest
 
-from gateway import config
-from gateway.errors import ConfigError, NotFound, SourceTimeout, SourceUnavailable, Unsendable
-from gateway.plan import build_plans, compile_source, open_upstream
-from gateway.sources import KINDS
-from gateway.types import Call, Upstream
+from gateway.config import loader as config
+from gateway.config.kinds import KINDS
+from gateway.core.errors import ConfigError, NotFound, SourceTimeout, SourceUnavailable, Unsendable
+from gateway.core.plan import build_plans, compile_source, open_upstream
+from gateway.core.types import Call, Upstream
 from tests.support import free_port
 from upstreams.postgresql import map_errors, positional, postgresql_source
 from upstreams.sql import SqlPoolSettings, SqlSettings

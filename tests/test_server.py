@@ -14,8 +14,8 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.config import ServerConfig
-from gateway.server import HeadWithBody, OneWriteHttpToolsProtocol, http_protocol
+from gateway.config.loader import ServerConfig
+from gateway.edge.server import HeadWithBody, OneWriteHttpToolsProtocol, http_protocol
 from tests.support import free_port
 
 WRITES: list[bytes] = []

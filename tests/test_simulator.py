@@ -14,8 +14,8 @@ import aiohttp
 import aiomysql
 import pytest
 
-from gateway import catalog
-from gateway.simulator import Simulators, start_simulators
+from gateway.demo import catalog
+from gateway.demo.simulator import Simulators, start_simulators
 
 # `sims` and `http` are tests/conftest.py's fixtures.
 

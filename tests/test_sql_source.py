@@ -16,9 +16,9 @@ import orjson
 import pymysql
 import pytest
 
-from gateway.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
-from gateway.sources import KINDS
-from gateway.types import Call, Upstream
+from gateway.config.kinds import KINDS
+from gateway.core.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
+from gateway.core.types import Call, Upstream
 from tests.support import free_port
 from upstreams.sql import SqlPoolSettings, SqlSettings, budgeted, map_errors
 

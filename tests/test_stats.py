@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.stats import CacheStats, SourceStats
+from gateway.ops.stats import CacheStats, SourceStats
 
 
 class Clock:

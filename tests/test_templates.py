@@ -6,8 +6,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from gateway import templates
-from gateway.templates import Unrenderable
+from gateway.core import templates
+from gateway.core.templates import Unrenderable
 from tests.payloads import HOSTILE
 
 

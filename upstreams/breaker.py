@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.errors import (
+from gateway.core.errors import (
     BadPayload,
     CircuitOpen,
     NotFound,
@@ -18,7 +18,7 @@ from gateway.errors import (
     SourceTimeout,
     SourceUnavailable,
 )
-from gateway.types import JSON, Call, Source
+from gateway.core.types import JSON, Call, Source
 
 Clock = Callable[[], float]
 OnChange = Callable[[str, str, str], None]

@@ -32,9 +32,9 @@ import orjson
 import yarl
 from multidict import CIMultiDict
 
-from gateway.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable, Unsendable
-from gateway.templates import scalar_text
-from gateway.types import JSON, Call, Upstream
+from gateway.core.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable, Unsendable
+from gateway.core.templates import scalar_text
+from gateway.core.types import JSON, Call, Upstream
 
 
 @dataclass(frozen=True, slots=True)

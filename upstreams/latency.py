@@ -1,7 +1,7 @@
 """A source's live latency for the policies that need one (hedging `after: p95`).
 
 Kept here, beside the policies, rather than read from the operators' statistics
-(`gateway/stats.py`): the hedge only needs a function returning seconds or None, so whichever
+(`gateway/ops/stats.py`): the hedge only needs a function returning seconds or None, so whichever
 tracker feeds it can be swapped without touching the policy.
 """
 
@@ -11,7 +11,7 @@ import math
 import time
 from collections import deque
 
-from gateway.types import JSON, Call, Source
+from gateway.core.types import JSON, Call, Source
 from upstreams.breaker import Clock
 
 

@@ -1,6 +1,6 @@
 """Per-call policies: functions from source to source, each adding one behaviour.
 
-`gateway/plan.py` composes them for each source in one fixed order, outermost first:
+`gateway/core/plan.py` composes them for each source in one fixed order, outermost first:
 
     Breaker(retry(Hedge(timeout(Limit(source)))))
 
@@ -29,8 +29,14 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from gateway.errors import Overloaded, SourceError, SourceTimeout, SourceUnavailable, Unsendable
-from gateway.types import JSON, Call, Source
+from gateway.core.errors import (
+    Overloaded,
+    SourceError,
+    SourceTimeout,
+    SourceUnavailable,
+    Unsendable,
+)
+from gateway.core.types import JSON, Call, Source
 from upstreams.breaker import Breaker, Clock, Window
 
 __all__ = ["Breaker", "Budget", "Hedge", "Limit", "Retry", "timeout"]

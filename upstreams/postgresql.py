@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from gateway.errors import SourceTimeout, SourceUnavailable, Unsendable
-from gateway.types import JSON, Call, Upstream
+from gateway.core.errors import SourceTimeout, SourceUnavailable, Unsendable
+from gateway.core.types import JSON, Call, Upstream
 from upstreams.sql import SqlSettings, json_result, json_value
 
 _PING_S = 1.0

@@ -28,9 +28,9 @@ import aiomysql
 import aiosqlite
 import pymysql
 
-from gateway import templates
-from gateway.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
-from gateway.types import JSON, Call, Upstream
+from gateway.core import templates
+from gateway.core.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
+from gateway.core.types import JSON, Call, Upstream
 
 _FLOOR_S = 0.001
 _PING_S = 1.0

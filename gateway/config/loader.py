@@ -13,17 +13,17 @@ from urllib.parse import unquote, urlsplit
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from gateway import templates
-from gateway.errors import ConfigError, Problem
-from gateway.sources import KIND_NAMES, Millis, SourceConfig, kind_of
-from gateway.sources import BreakerConfig as BreakerConfig
-from gateway.sources import HedgeConfig as HedgeConfig
-from gateway.sources import HttpPool as HttpPool
-from gateway.sources import HttpSourceConfig as HttpSourceConfig
-from gateway.sources import Model as _Model
-from gateway.sources import RetryConfig as RetryConfig
-from gateway.sources import SqlPool as SqlPool
-from gateway.sources import SqlSourceConfig as SqlSourceConfig
+from gateway.config.kinds import KIND_NAMES, Millis, SourceConfig, kind_of
+from gateway.config.kinds import BreakerConfig as BreakerConfig
+from gateway.config.kinds import HedgeConfig as HedgeConfig
+from gateway.config.kinds import HttpPool as HttpPool
+from gateway.config.kinds import HttpSourceConfig as HttpSourceConfig
+from gateway.config.kinds import Model as _Model
+from gateway.config.kinds import RetryConfig as RetryConfig
+from gateway.config.kinds import SqlPool as SqlPool
+from gateway.config.kinds import SqlSourceConfig as SqlSourceConfig
+from gateway.core import templates
+from gateway.core.errors import ConfigError, Problem
 
 Seconds = Annotated[int, Field(ge=0, le=30 * 86400)]
 

@@ -1,6 +1,6 @@
 """Request size limits: a pure-ASGI middleware that refuses oversized headers and bodies.
 
-The head's size is first bounded by the protocol `gateway serve` runs (gateway/server.py counts
+The head's size is first bounded by the protocol `gateway serve` runs (gateway/edge/server.py counts
 its bytes as they arrive, before httptools buffers them); the check here holds under any other
 ASGI server too. Bodies are left to the app by uvicorn, and FastAPI reads a whole body before a
 route's dependencies run (the admin token check among them). Nothing the gateway serves takes

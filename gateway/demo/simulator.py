@@ -13,7 +13,7 @@ The simulated product services (pricing, inventory, reviews, recs) are handlers 
 server each. Their bodies are derived from the product id alone, so any two runs, processes or
 tests agree on them. A `Behaviour` (delay, jitter, error and hang rates) can be changed
 in-process or over HTTP on the same port (`POST /_control`). Run all four with
-`python -m gateway.simulator --port-base 9101`.
+`python -m gateway.demo.simulator --port-base 9101`.
 
 Every scripted wait is bounded and ends early when the server closes. One module over 300 lines,
 on purpose: it is the one fake upstream, and its two faces share the server and its handlers.
@@ -574,7 +574,7 @@ async def _serve(host: str, port_base: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the four simulated services until SIGINT or SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m gateway.simulator", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo.simulator", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument(
         "--port-base",

@@ -14,10 +14,10 @@ from starlette.types import Receive, Scope, Send
 from cache.composite import Lookup
 from cache.entry import Entry, make_entry
 from cache.keys import composite_key
-from gateway import log
-from gateway.executor import Composite, execute
-from gateway.merge import answer, with_stale_age
-from gateway.plan import PERSONAL_HEADERS, EndpointPlan
+from gateway.core.executor import Composite, execute
+from gateway.core.merge import answer, with_stale_age
+from gateway.core.plan import PERSONAL_HEADERS, EndpointPlan
+from gateway.ops import log
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime

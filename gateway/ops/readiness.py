@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from cache.store import CacheUnavailable
-from gateway.errors import CircuitOpen, SourceError, SourceTimeout, SourceUnavailable
+from gateway.core.errors import CircuitOpen, SourceError, SourceTimeout, SourceUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

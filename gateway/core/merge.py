@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
-from gateway.executor import Composite
-from gateway.plan import EndpointPlan
+from gateway.core.executor import Composite
+from gateway.core.plan import EndpointPlan
 
 # What a failed required call means for the whole answer.
 STATUS_OF_OUTCOME = {

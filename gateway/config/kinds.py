@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway import templates
-from gateway.types import Upstream
+from gateway.core import templates
+from gateway.core.types import Upstream
 from upstreams import postgresql as pg
 from upstreams.http import HttpPoolSettings, HttpSettings, Propagation, http_source
 from upstreams.sql import SqlPoolSettings, SqlSettings, mysql_source, sqlite_source

@@ -20,10 +20,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cache.store import CacheUnavailable
-from gateway.config import redact_text
-from gateway.diagnostics import LoopLag, memory_report, process_report
-from gateway.errors import ConfigError, SourceError
-from gateway.metrics import live_samples
+from gateway.config.loader import redact_text
+from gateway.core.errors import ConfigError, SourceError
+from gateway.ops.diagnostics import LoopLag, memory_report, process_report
+from gateway.ops.metrics import live_samples
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -221,4 +221,4 @@ def _cache_pool(rt: Runtime) -> dict[str, int] | None:
     return stats() if stats is not None else None
 
 
-DASHBOARD = (resources.files("gateway") / "dashboard.html").read_text(encoding="utf-8")
+DASHBOARD = (resources.files("gateway.ops") / "dashboard.html").read_text(encoding="utf-8")

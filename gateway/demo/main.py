@@ -10,11 +10,11 @@ from importlib import resources
 
 import uvicorn
 
-from gateway import config
 from gateway.app import create_app
-from gateway.catalog import seed_mysql, seed_sqlite
-from gateway.server import uvicorn_options
-from gateway.simulator import start_simulators
+from gateway.config import loader as config
+from gateway.demo.catalog import seed_mysql, seed_sqlite
+from gateway.demo.simulator import start_simulators
+from gateway.edge.server import uvicorn_options
 
 PRODUCTS = 10_000
 LOOPBACK = "127.0.0.1"

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.limits import MAX_HEADER_BYTES, RequestLimits
-from gateway.log import AccessLog, Observer
+from gateway.edge.limits import MAX_HEADER_BYTES, RequestLimits
+from gateway.ops.log import AccessLog, Observer
 
 
 class EndpointRoutes:

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import SourceError
-from gateway.plan import CallPlan, EndpointPlan
-from gateway.templates import Unrenderable
-from gateway.types import Call, Outcome, Source
+from gateway.core.errors import SourceError
+from gateway.core.plan import CallPlan, EndpointPlan
+from gateway.core.templates import Unrenderable
+from gateway.core.types import Call, Outcome, Source
 
 
 @dataclass(frozen=True, slots=True)

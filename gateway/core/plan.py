@@ -12,8 +12,8 @@ import orjson
 from pydantic import Field, TypeAdapter
 
 from cache.policy import CachePolicy
-from gateway import templates
-from gateway.config import (
+from gateway.config.kinds import Kind, Render, SourceConfig, kind_of
+from gateway.config.loader import (
     CacheConfig,
     CallConfig,
     EndpointCache,
@@ -21,8 +21,8 @@ from gateway.config import (
     GatewayConfig,
     PropagationConfig,
 )
-from gateway.sources import Kind, Render, SourceConfig, kind_of
-from gateway.types import Source, Upstream
+from gateway.core import templates
+from gateway.core.types import Source, Upstream
 from upstreams import policies
 from upstreams.breaker import Breaker, BreakerSettings, OnChange
 from upstreams.http import DEFAULT_PROPAGATION, Propagation

@@ -15,9 +15,9 @@ from fastapi.openapi.docs import (
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from gateway.plan import INT_MAX, INT_MIN, MAX_SEGMENT, EndpointPlan
+from gateway.core.plan import INT_MAX, INT_MIN, MAX_SEGMENT, EndpointPlan
 
-# The bounds that parameter parsing enforces (gateway/plan.py); anything outside them is a 422.
+# The bounds that parameter parsing enforces (gateway/core/plan.py); anything outside them is a 422.
 _TYPES = {
     "int": {"type": "integer", "minimum": INT_MIN, "maximum": INT_MAX},
     "str": {"type": "string", "maxLength": MAX_SEGMENT},

@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.config import GatewayConfig, SourceConfig
+from gateway.config.loader import GatewayConfig, SourceConfig
 from upstreams.breaker import Window
 
 if TYPE_CHECKING:
-    from gateway.executor import Composite
-    from gateway.plan import EndpointPlan
+    from gateway.core.executor import Composite
+    from gateway.core.plan import EndpointPlan
 
 Clock = Callable[[], float]
 

@@ -28,11 +28,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from gateway.log import RequestInfo
+from gateway.ops.log import RequestInfo
 
 if TYPE_CHECKING:
-    from gateway.executor import Composite
-    from gateway.plan import EndpointPlan
+    from gateway.core.executor import Composite
+    from gateway.core.plan import EndpointPlan
     from gateway.runtime import Runtime
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

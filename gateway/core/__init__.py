@@ -1,0 +1,1 @@
+"""The core: plan values, the fan-out, the merge, templates, the type and error vocabulary."""

@@ -1,0 +1,1 @@
+"""The demo: simulated upstream services, a seeded catalog, and the whole product in one process."""

@@ -1,0 +1,1 @@
+"""The HTTP edge: the server protocol, request limits, routing, endpoint handlers, OpenAPI."""

@@ -1,0 +1,1 @@
+"""Operations: admin API, metrics, live statistics, logs, readiness, diagnostics, dashboard."""
