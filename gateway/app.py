@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway import runtime
 from gateway.config import loader as config_mod
+from gateway.config.redact import redact_text
 from gateway.core.errors import ConfigError, SourceError
 from gateway.core.plan import EndpointPlan, build_plans
 from gateway.edge.endpoint import EndpointHandler
@@ -131,7 +132,7 @@ class Gateway:
         except ConfigError as exc:
             _log.warning("config_reload_refused", problems=[str(p) for p in exc.problems])
         except SourceError as exc:
-            error = config_mod.redact_text(str(exc), self.loaded.secrets)
+            error = redact_text(str(exc), self.loaded.secrets)
             _log.warning("config_reload_failed", error=error)
 
 

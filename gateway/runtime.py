@@ -10,10 +10,8 @@ import structlog
 
 from cache.composite import CompositeCache, open_cache
 from cache.policy import CachePolicy, CacheSettings, NearSettings
-from gateway.config.loader import (
-    CacheConfig,
-    LoadedConfig,
-)
+from gateway.config.loader import LoadedConfig
+from gateway.config.schema import CacheConfig
 from gateway.core.executor import Composite
 from gateway.core.plan import (
     EndpointPlan,

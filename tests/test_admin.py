@@ -13,7 +13,7 @@ import pytest
 
 from cache.keys import composite_key
 from gateway.app import create_app
-from gateway.config.loader import GatewayConfig
+from gateway.config.schema import GatewayConfig
 from gateway.core.plan import build_plan
 from gateway.demo.simulator import Simulators
 from tests.config_files import config_text, read, write_atomically, write_config

@@ -21,6 +21,7 @@ import pytest
 from gateway import cli
 from gateway.app import create_app
 from gateway.config import loader as config
+from gateway.config.redact import redact_text
 from gateway.demo.simulator import UpstreamServer, echo, json_body
 from gateway.ops.readiness import Readiness
 from tests.config_files import start_demo, wait_healthy, write_atomically
@@ -111,7 +112,7 @@ def test_redacted_config_hides_literal_headers_query_values_and_every_dsn_passwo
     assert shown["cache"]["url"] == "redis://:***@127.0.0.1:6379/0"
     # Free text (a driver's error, a log line) loses them too, wherever they appear.
     said = f"failed with {DSN_SECRET} and {QUERY_SECRET}, sent {HEADER_SECRET} / {BEARER_SECRET}"
-    assert_no_literal(config.redact_text(said, loaded.secrets))
+    assert_no_literal(redact_text(said, loaded.secrets))
 
 
 async def test_admin_config_check_and_a_refused_reload_never_show_literal_secrets(

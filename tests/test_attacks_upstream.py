@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.config.loader import HttpSourceConfig
+from gateway.config.kinds import HttpSourceConfig
 from gateway.core.errors import BadPayload, SourceError, SourceUnavailable
 from gateway.core.plan import Guarded, guard
 from gateway.core.types import Call, Upstream

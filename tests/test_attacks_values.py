@@ -22,7 +22,7 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from gateway.config import loader as config
-from gateway.config.loader import HttpSourceConfig
+from gateway.config.kinds import HttpSourceConfig
 from gateway.core.errors import Unsendable
 from gateway.core.types import Call
 from gateway.demo.catalog import seed_sqlite

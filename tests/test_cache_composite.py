@@ -17,7 +17,7 @@ from cache.memory import MemoryStore
 from cache.policy import CachePolicy
 from cache.redis import redis_store
 from cache.store import CacheUnavailable, Store
-from gateway.config.loader import EndpointCache
+from gateway.config.schema import EndpointCache
 from gateway.runtime import cache_policy
 
 POLICY = CachePolicy(

@@ -18,7 +18,7 @@ from cache.entry import Entry, decode, etag_of
 from cache.near import NearCache, OnPurge
 from cache.policy import CachePolicy, CacheSettings, NearSettings
 from cache.redis import RedisStore, redis_store
-from gateway.config.loader import CacheConfig, NearCacheConfig
+from gateway.config.schema import CacheConfig, NearCacheConfig
 from tests.redis_servers import stop
 from tests.support import free_port, until
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import loader as config
+from gateway.config.schema import PropagationConfig
+from gateway.config.sources import HedgeConfig
 from gateway.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,8 +240,8 @@ def test_hedge_and_propagation_load_into_typed_settings() -> None:
     hedge = loaded.config.sources["pricing"].hedge
     assert hedge is not None and hedge.after == "p95" and hedge.quantile == 0.95
     fixed = config.loads(with_pricing("hedge: {after_ms: 40}"), "gw.yaml", {})
-    assert fixed.config.sources["pricing"].hedge == config.HedgeConfig(after_ms=40)
-    assert loaded.config.propagation == config.PropagationConfig(
+    assert fixed.config.sources["pricing"].hedge == HedgeConfig(after_ms=40)
+    assert loaded.config.propagation == PropagationConfig(
         request_id_header="X-Request-ID", deadline_header="X-Request-Deadline-Ms"
     )
     named = config.loads(

@@ -26,7 +26,7 @@ import pymysql
 import pytest
 from aiohttp import web
 
-from gateway.config.loader import HttpSourceConfig, SqlSourceConfig
+from gateway.config.kinds import HttpSourceConfig, SqlSourceConfig
 from gateway.core.errors import SourceError
 from gateway.core.plan import Guarded, guard, open_upstream
 from gateway.core.types import JSON, Call, Upstream

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.config.loader import ServerConfig
+from gateway.config.schema import ServerConfig
 from gateway.edge.server import HeadWithBody, OneWriteHttpToolsProtocol, http_protocol
 from tests.support import free_port
 

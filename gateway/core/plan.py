@@ -12,8 +12,9 @@ import orjson
 from pydantic import Field, TypeAdapter
 
 from cache.policy import CachePolicy
-from gateway.config.kinds import Kind, Render, SourceConfig, kind_of
-from gateway.config.loader import (
+from gateway.config.calls import Render
+from gateway.config.kinds import Kind, SourceConfig, kind_of
+from gateway.config.schema import (
     CacheConfig,
     CallConfig,
     EndpointCache,

@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cache.store import CacheUnavailable
-from gateway.config.loader import redact_text
+from gateway.config.redact import redact_text
 from gateway.core.errors import ConfigError, SourceError
 from gateway.ops.diagnostics import LoopLag, memory_report, process_report
 from gateway.ops.metrics import live_samples

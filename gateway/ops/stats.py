@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.config.loader import GatewayConfig, SourceConfig
+from gateway.config.kinds import SourceConfig
+from gateway.config.schema import GatewayConfig
 from upstreams.breaker import Window
 
 if TYPE_CHECKING:

@@ -1,0 +1,174 @@
+"""Cross-checks: the problems of a parsed config that no single field shows (unknown sources,
+cycles between calls, templates naming nothing, timeouts past the deadline...), each located."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from gateway.config.fieldpath import Loc, part
+from gateway.config.kinds import SourceConfig, kind_of
+from gateway.config.schema import CallConfig, EndpointCache, GatewayConfig
+from gateway.core import templates
+
+RESERVED_PATHS = frozenset(
+    {"/admin", "/metrics", "/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"}
+)
+"""First path segments the gateway serves itself; an endpoint there would be shadowed or shadow."""
+
+
+def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
+    """Return every problem that single fields cannot show: names, cycles, templates, budgets."""
+    found: list[tuple[Loc, str]] = _check_hedges(config)
+    for name in config.sources:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+            found.append((("sources", name), "a source name is letters, digits, _ and -"))
+    seen_paths: dict[str, int] = {}
+    for i, ep in enumerate(config.endpoints):
+        at: Loc = ("endpoints", i)
+        shape = templates.starlette_path(ep.path)
+        shape = re.sub(r"\{[^}]*\}", "{}", shape)
+        if shape in seen_paths:
+            found.append(((*at, "path"), f"duplicate path: same as endpoints.{seen_paths[shape]}"))
+        seen_paths.setdefault(shape, i)
+        first = "/" + ep.path.split("/")[1] if ep.path != "/" else "/"
+        if first in RESERVED_PATHS:
+            found.append(
+                (
+                    (*at, "path"),
+                    f"{first} belongs to the gateway itself (reserved: "
+                    f"{', '.join(sorted(RESERVED_PATHS))})",
+                )
+            )
+        params = {name for name, _ in templates.path_params(ep.path)}
+        deps: dict[str, set[str]] = {}
+        for name, call in ep.calls.items():
+            cat: Loc = (*at, "calls", name)
+            deps[name] = set()
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+                found.append((cat, f"call name {name!r} must be an identifier not starting with _"))
+            source = config.sources.get(call.source)
+            if source is None:
+                known = ", ".join(part(n) for n in sorted(config.sources)) or "none"
+                found.append(((*cat, "source"), f"unknown source {call.source!r} (known: {known})"))
+            for field, texts in _call_templates(call):
+                for text in texts:
+                    for ref in templates.parse(text).refs:
+                        if ref.root in params and not ref.attrs:
+                            continue
+                        if ref.root in ep.calls and ref.root != name:
+                            deps[name].add(ref.root)
+                            continue
+                        found.append(
+                            (
+                                (*cat, field),
+                                f"template {{{ref.text}}} names no path parameter or call"
+                                f" (parameters: {', '.join(sorted(params)) or 'none'})",
+                            )
+                        )
+            if source is not None:
+                found += kind_of(source).check_call(cat, call, params)
+            found += _check_forwarding(cat, call, source, ep.cache)
+            if call.required and call.has_fallback:
+                found.append(((*cat, "fallback"), "a required call cannot have a fallback"))
+            timeout = call.timeout_ms or (source.timeout_ms if source else 0)
+            if timeout > ep.deadline_ms:
+                where = "timeout_ms" if call.timeout_ms else "source"
+                found.append(
+                    (
+                        (*cat, where),
+                        f"timeout {timeout} ms is longer than the endpoint's "
+                        f"deadline_ms {ep.deadline_ms}",
+                    )
+                )
+        for name in _cycle(deps):
+            found.append(
+                (
+                    (*at, "calls", name),
+                    "calls wait for each other in a cycle: " + " -> ".join(_cycle(deps)),
+                )
+            )
+            break
+        if ep.cache:
+            for j, tag in enumerate(ep.cache.tags):
+                for ref in templates.parse(tag).refs:
+                    if ref.root not in params or ref.attrs:
+                        found.append(
+                            (
+                                (*at, "cache", "tags", j),
+                                f"tag template {{{ref.text}}} names no path parameter",
+                            )
+                        )
+            if ep.cache.partial_ttl_s > ep.cache.ttl_s:
+                found.append(((*at, "cache", "partial_ttl_s"), "is longer than ttl_s"))
+    return found
+
+
+def _check_hedges(config: GatewayConfig) -> list[tuple[Loc, str]]:
+    found: list[tuple[Loc, str]] = []
+    for name, source in config.sources.items():
+        hedge = source.hedge
+        if hedge is not None and hedge.after_ms is not None and hedge.after_ms >= source.timeout_ms:
+            found.append(
+                (
+                    ("sources", name, "hedge", "after_ms"),
+                    f"{hedge.after_ms} ms is not shorter than timeout_ms ({source.timeout_ms}): "
+                    "the first request times out before a hedge would be sent",
+                )
+            )
+    return found
+
+
+def _check_forwarding(
+    cat: Loc, call: CallConfig, source: SourceConfig | None, cache: EndpointCache | None
+) -> list[tuple[Loc, str]]:
+    """A forwarded request header shapes the answer: a cached endpoint must vary by it."""
+    if not call.forward_headers:
+        return []
+    if source is not None and not kind_of(source).forwards_headers:
+        return [((*cat, "forward_headers"), "only http calls forward request headers")]
+    varied = {h.lower() for h in (cache.vary if cache else ())}
+    missing = [h for h in call.forward_headers if cache is not None and h.lower() not in varied]
+    if missing:
+        return [
+            (
+                (*cat, "forward_headers"),
+                f"forwards {', '.join(missing)} but the endpoint's "
+                "cache key does not include it: add it to cache.vary (or the answer for one "
+                "client would be served to another)",
+            )
+        ]
+    return []
+
+
+def _call_templates(call: CallConfig) -> list[tuple[str, list[str]]]:
+    out: list[tuple[str, list[str]]] = []
+    if call.path:
+        out.append(("path", [call.path]))
+    if isinstance(call.query, dict):
+        out.append(("query", list(call.query.values())))
+    if call.args:
+        out.append(("args", list(call.args.values())))
+    return out
+
+
+def _cycle(deps: Mapping[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str]:
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(deps.get(n, ())):
+            if state.get(d) == 1:
+                return [*stack[stack.index(d) :], d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return []
+
+    for n in deps:
+        if n not in state and (found := visit(n)):
+            return found
+    return []

@@ -1,0 +1,168 @@
+"""gateway.yaml's schema: typed, frozen pydantic models of the whole file but its sources, whose
+models are the kinds' (`gateway.config.kinds`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config.kinds import SourceConfig
+from gateway.config.sources import Millis, Model
+from gateway.core import templates
+
+Seconds = Annotated[int, Field(ge=0, le=30 * 86400)]
+
+
+class PropagationConfig(Model):
+    """The headers that carry the request id and the remaining budget to HTTP upstreams."""
+
+    request_id_header: str = "X-Request-ID"
+    deadline_header: str = "X-Request-Deadline-Ms"
+
+    @field_validator("request_id_header", "deadline_header")
+    @classmethod
+    def _header_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", v):
+            raise ValueError(f"{v!r} is not a valid HTTP header name")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PropagationConfig:
+        if self.request_id_header.lower() == self.deadline_header.lower():
+            raise ValueError("request_id_header and deadline_header must be different headers")
+        return self
+
+
+HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", max_length=100)]
+"""An HTTP header name (RFC 9110 token)."""
+
+
+class CallConfig(Model):
+    """One call of an endpoint: which source, what to ask, and what to do when it fails."""
+
+    source: str
+    path: str | None = None
+    query: str | dict[str, str] | None = None
+    args: dict[str, str] = Field(default_factory=dict)
+    one: bool = False
+    required: bool = False
+    fallback: Any = None
+    select: tuple[str, ...] | None = None
+    timeout_ms: Millis | None = None
+    forward_headers: tuple[HeaderName, ...] = ()
+
+    @property
+    def has_fallback(self) -> bool:
+        return "fallback" in self.model_fields_set
+
+    @property
+    def omit(self) -> bool:
+        return self.fallback == "omit"
+
+
+class EndpointCache(Model):
+    """How long composite answers of one endpoint are kept."""
+
+    ttl_s: Seconds = 60
+    partial_ttl_s: Seconds = 0
+    stale_while_revalidate_s: Seconds = 0
+    stale_if_error_s: Seconds = 0
+    not_found_ttl_s: Seconds = 30
+    allow_client_bypass: bool = False
+    tags: tuple[str, ...] = ()
+    vary: tuple[HeaderName, ...] = ()
+
+
+class EndpointConfig(Model):
+    """One aggregated endpoint: a path, a deadline, calls, and its cache."""
+
+    path: str
+    deadline_ms: Millis = 1000
+    cache: EndpointCache | None = None
+    calls: dict[str, CallConfig]
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with /")
+        names = [name for name, _ in templates.path_params(v)]
+        if len(set(names)) < len(names):
+            raise ValueError("a path parameter name appears twice")
+        for name, kind in templates.path_params(v):
+            if kind not in PARAM_TYPES:
+                raise ValueError(
+                    f"parameter {name!r} has unknown type {kind!r}; use one of "
+                    f"{', '.join(PARAM_TYPES)}"
+                )
+        return v
+
+    @field_validator("calls")
+    @classmethod
+    def _calls(cls, v: dict[str, CallConfig]) -> dict[str, CallConfig]:
+        if not v:
+            raise ValueError("an endpoint needs at least one call")
+        return v
+
+
+PARAM_TYPES = ("int", "str", "float")
+
+
+class NearCacheConfig(Model):
+    """An in-process tier in front of Redis for the hottest keys, a few seconds at most."""
+
+    max_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    ttl_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+
+
+class CacheConfig(Model):
+    """Where composite answers are cached: `redis://`, `redis+cluster://` or `memory://`."""
+
+    url: str = "memory://"
+    key_prefix: str = "gw:"
+    op_timeout_ms: Millis = 20
+    memory_max_entries: Annotated[int, Field(ge=1)] = 10_000
+    memory_max_bytes: Annotated[int, Field(ge=1)] = 64 * 1024 * 1024
+    compress_min_bytes: Annotated[int, Field(ge=0)] = 4096
+    max_entry_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
+    near: NearCacheConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in ("memory", "redis", "rediss", "redis+cluster"):
+            raise ValueError("must be memory://, redis://, rediss:// or redis+cluster://")
+        return v
+
+    @model_validator(mode="after")
+    def _near_needs_redis(self) -> CacheConfig:
+        # memory:// is in-process already: a near tier in front of it would do nothing.
+        if self.near is not None and urlsplit(self.url).scheme == "memory":
+            raise ValueError("near: is a tier in front of Redis; memory:// needs none")
+        return self
+
+
+class ServerConfig(Model):
+    """How `gateway serve` treats client connections, per process: read when it starts."""
+
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    body_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    keepalive_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    drain_s: Annotated[float, Field(ge=0, le=600)] = 10.0
+
+
+class GatewayConfig(Model):
+    """A whole gateway.yaml, parsed and cross-checked."""
+
+    version: Literal[1] = 1
+    cache: CacheConfig = CacheConfig()
+    propagation: PropagationConfig = PropagationConfig()
+    server: ServerConfig = ServerConfig()
+    sources: dict[str, SourceConfig]
+    endpoints: list[EndpointConfig]
