@@ -1,4 +1,5 @@
-"""The application: `create_app(config_path)` builds the FastAPI app around a swappable runtime."""
+"""The application: `create_app(config_path)` builds the gateway's ASGI app (endpoint routes in
+plain ASGI around the FastAPI app of everything else) on a swappable runtime."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from gateway.core.errors import ConfigError, SourceError
 from gateway.core.plan import EndpointPlan, build_plans
 from gateway.edge.endpoint import EndpointHandler
 from gateway.edge.openapi import endpoint_paths, install_docs, validation_schemas
-from gateway.edge.routing import outer_stack
+from gateway.edge.routing import Edge
 from gateway.ops import admin, log
 from gateway.ops.diagnostics import LoopLag, start_tracing_from_env
 from gateway.ops.metrics import Metrics, multiprocess_dir, request_observer, sample_forever
@@ -167,7 +168,7 @@ def create_app(
     *,
     loaded: config_mod.LoadedConfig | None = None,
     watch: bool = False,
-) -> FastAPI:
+) -> Edge:
     """Return the gateway app for a config file (or an already loaded config); `watch` reloads
     it whenever the file changes."""
     if loaded is None:
@@ -220,14 +221,6 @@ def create_app(
     install_docs(app)
     app.state.gateway = gw
     gw.app = app
-    framework_stack = app.build_middleware_stack
-    # Starlette builds its stack on the first request; ours wraps it (see gateway/edge/routing.py).
-    app.build_middleware_stack = lambda: outer_stack(  # type: ignore[method-assign]
-        framework_stack(),
-        gw.endpoint_routes,
-        request_observer(gw.metrics),
-        max_header_bytes=loaded.config.server.max_header_bytes,
-    )
     app.add_api_route("/metrics", metrics_endpoint(gw.metrics), include_in_schema=False)
     token = admin.token_from_env()
     if token is not None:
@@ -267,7 +260,12 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return app
+    return Edge(
+        app,
+        gw.endpoint_routes,
+        request_observer(gw.metrics),
+        max_header_bytes=loaded.config.server.max_header_bytes,
+    )
 
 
 def freeze_heap() -> None:
@@ -344,7 +342,7 @@ def _on_sigterm(gw: Gateway) -> Callable[[], None]:
     return stop
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> Edge:
     """Return the app for `$GATEWAY_CONFIG` (the factory `gateway serve` gives uvicorn);
     `GATEWAY_WATCH=1` reloads it whenever the file changes."""
     return create_app(

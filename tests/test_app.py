@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 import pytest
+from fastapi import FastAPI
 
+from gateway.app import create_app
 from gateway.demo.simulator import Simulators
+from gateway.edge.routing import Edge
 from tests.serving import product_view_config, product_view_env, serving_config
 from tests.support import free_port, get
 
@@ -21,6 +24,15 @@ PRODUCTS = 500
 async def gateway(product_env: dict[str, str], redis_prefix: str) -> AsyncIterator[str]:
     async with serving_config(product_view_config(product_env, redis_prefix)) as url:
         yield url
+
+
+def test_endpoints_are_served_in_plain_asgi_around_an_unpatched_fastapi(
+    product_env: dict[str, str], redis_prefix: str
+) -> None:
+    app = create_app(loaded=product_view_config(product_env, redis_prefix))
+    assert isinstance(app, Edge) and isinstance(app.framework, FastAPI)
+    assert "build_middleware_stack" not in vars(app.framework)  # FastAPI's own stack, as built
+    assert app.state.gateway is app.framework.state.gateway
 
 
 async def test_complete_product_view(gateway: str, http: aiohttp.ClientSession) -> None:

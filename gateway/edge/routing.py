@@ -1,10 +1,13 @@
-"""The outer ASGI stack: access log and metrics around a fast path for the configured
-endpoints, with everything else (docs, health, admin, metrics) going through FastAPI."""
+"""The ASGI app the server runs: access log, request limits and the endpoint routes in plain
+ASGI, with everything else (docs, health, admin, metrics, OpenAPI, lifespan) handed to the
+FastAPI app inside it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from fastapi import FastAPI
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -14,7 +17,7 @@ from gateway.ops.log import AccessLog, Observer
 
 class EndpointRoutes:
     """Pure ASGI app: an endpoint route that fully matches is served at once; any other request
-    goes to `fallback` (FastAPI's own stack, which also answers 405 for other methods)."""
+    goes to `fallback` (the FastAPI app, which also answers 405 for other methods)."""
 
     def __init__(self, routes: Callable[[], Sequence[BaseRoute]], fallback: ASGIApp) -> None:
         self.routes = routes
@@ -31,14 +34,31 @@ class EndpointRoutes:
         await self.fallback(scope, receive, send)
 
 
-def outer_stack(
-    framework: ASGIApp,
-    routes: Callable[[], Sequence[BaseRoute]],
-    observe: Observer,
-    max_header_bytes: int = MAX_HEADER_BYTES,
-) -> ASGIApp:
-    """Return the stack, outermost first: access log (with request metrics), request size limits,
-    endpoint fast path, then the framework. Endpoint requests skip FastAPI's middleware and
-    router: measured by bench/, they are the product's hot path."""
-    app: ASGIApp = EndpointRoutes(routes, framework)
-    return AccessLog(RequestLimits(app, max_header_bytes), observe)
+class Edge:
+    """The gateway's ASGI app, outermost first: access log (with request metrics), request size
+    limits, endpoint fast path, then `framework`, the FastAPI app, for every other request and
+    for lifespan events. Endpoint requests never enter FastAPI: measured by bench/, they are
+    the product's hot path."""
+
+    def __init__(
+        self,
+        framework: FastAPI,
+        routes: Callable[[], Sequence[BaseRoute]],
+        observe: Observer,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+    ) -> None:
+        self.framework = framework
+        # What code written for a Starlette app reads (`app.state`, `app.router.lifespan_context`)
+        # is the framework app's.
+        self.state = framework.state
+        self.router = framework.router
+        self._app: ASGIApp = AccessLog(
+            RequestLimits(EndpointRoutes(routes, framework), max_header_bytes), observe
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """Return the OpenAPI document the framework app serves at /openapi.json."""
+        return self.framework.openapi()
