@@ -29,8 +29,8 @@ from gateway.demo.simulator import (
 )
 from tests.payloads import HOSTILE
 from tests.support import Client, Start, free_port
+from upstreams.decode import SLICE_BYTES
 from upstreams.http import (
-    SLICE_BYTES,
     HttpPoolSettings,
     HttpSettings,
     Propagation,

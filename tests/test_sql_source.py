@@ -20,7 +20,9 @@ from gateway.config.kinds import KINDS
 from gateway.core.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.types import Call, Upstream
 from tests.support import free_port
-from upstreams.sql import SqlPoolSettings, SqlSettings, budgeted, map_errors
+from upstreams import mysql, sqlite
+from upstreams.mysql import budgeted
+from upstreams.sql import SqlPoolSettings, SqlSettings
 
 TABLE = "sqlsrc_products"
 ROWS = [
@@ -203,8 +205,9 @@ async def test_an_int_beyond_64_bits_is_unsendable_on_sqlite_and_bound_on_mariad
         assert await db.call(call(BY_ID, {"id": 2**64})) == []
 
 
+@pytest.mark.parametrize("map_errors", [mysql.map_errors, sqlite.map_errors])
 @pytest.mark.parametrize("bug", [AttributeError("x"), KeyError("id"), RuntimeError("y")])
-def test_map_errors_lets_bugs_through(bug: Exception) -> None:
+def test_map_errors_lets_bugs_through(map_errors: Any, bug: Exception) -> None:
     with pytest.raises(type(bug)), map_errors("catalog"):
         raise bug
 

@@ -23,9 +23,10 @@ from gateway.config.calls import CallSpec, Render
 from gateway.config.fieldpath import Loc
 from gateway.config.sources import Model, SourceModel
 from gateway.core.types import Upstream
+from upstreams import mysql, sqlite
 from upstreams import postgresql as pg
 from upstreams.http import HttpPoolSettings, HttpSettings, Propagation, http_source
-from upstreams.sql import SqlPoolSettings, SqlSettings, mysql_source, sqlite_source
+from upstreams.sql import SqlPoolSettings, SqlSettings
 
 
 class HttpPool(Model):
@@ -228,8 +229,8 @@ KINDS: Mapping[tuple[str, str], Kind] = {
     (k.kind, k.scheme): k
     for k in (
         _HTTP,
-        _sql_kind("mysql", "mysql://", mysql_source, _mysql_dsn),
-        _sql_kind("sqlite", "sqlite:///", sqlite_source, _sqlite_dsn),
+        _sql_kind("mysql", "mysql://", mysql.mysql_source, _mysql_dsn),
+        _sql_kind("sqlite", "sqlite:///", sqlite.sqlite_source, _sqlite_dsn),
         _sql_kind("postgresql", "postgresql://", pg.postgresql_source, pg.check_dsn, pg.positional),
     )
 }
