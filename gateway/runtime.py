@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import structlog
 
 from cache.composite import CompositeCache, open_cache
-from cache.policy import CachePolicy, CacheSettings, NearSettings
+from cache.policy import CacheSettings, NearSettings
 from gateway.config.loader import LoadedConfig
 from gateway.config.schema import CacheConfig
 from gateway.core.executor import Composite
@@ -23,6 +23,7 @@ from gateway.core.plan import (
     open_upstream,
 )
 from gateway.core.plan import cache_policy as cache_policy  # where tests and tools have found it
+from gateway.core.runner import Runner, runners
 from gateway.core.types import Call, Source, Upstream
 from gateway.ops.metrics import Metrics
 from gateway.ops.stats import Stats
@@ -40,19 +41,15 @@ class Runtime:
     guards: Mapping[str, Guarded]
     sources: Mapping[str, Source]
     cache: CompositeCache
-    cache_policies: Mapping[str, CachePolicy]
     metrics: Metrics
     stats: Stats
     source_plans: Mapping[str, SourcePlan]
+    runners: Mapping[str, Runner]
+    """One compiled runner per endpoint id: what the edge calls for each request."""
 
     @property
     def cache_prefix(self) -> str:
         return self.loaded.config.cache.key_prefix
-
-    def observe(self, plan: EndpointPlan, composite: Composite) -> None:
-        """Count one fan-out's calls in the metrics and the live per-source statistics."""
-        self.metrics.calls(plan, composite)
-        self.stats.calls(plan, composite)
 
 
 async def start(
@@ -102,10 +99,14 @@ async def start(
     else:
         cache = open_cache(cache_settings(config.cache))
     cache.on_event = _cache_observer(metrics, stats)
-    # An endpoint whose answers can never be stored is served as an uncached one (BYPASS).
-    policies = {p.id: p.cache for p in by_id.values() if p.cache is not None and p.cache.stores}
     sources = {name: g.call for name, g in guards.items()}
     stats.sync(config)
+    count, record = metrics.calls, stats.calls
+
+    def observe(plan: EndpointPlan, composite: Composite) -> None:
+        count(plan, composite)
+        record(plan, composite)
+
     return Runtime(
         loaded,
         by_id,
@@ -113,10 +114,10 @@ async def start(
         guards,
         sources,
         cache,
-        policies,
         metrics,
         stats,
         source_plans,
+        runners(by_id, sources, cache, config.cache.key_prefix, observe),
     )
 
 

@@ -31,8 +31,8 @@ from cache.policy import CachePolicy, CacheSettings
 from cache.redis import redis_store
 from gateway.app import create_app
 from gateway.config.loader import LoadedConfig
+from gateway.core import runner
 from gateway.demo.simulator import Simulators
-from gateway.edge import endpoint as edge
 from tests.config_files import GENEROUS
 from tests.redis_servers import Cluster
 from tests.serving import product_view_config, product_view_env, serving
@@ -129,17 +129,17 @@ async def test_requests_joined_to_a_flight_whose_leader_hits_a_bug_get_200(
     monkeypatch: pytest.MonkeyPatch,
     backend: str,
 ) -> None:
-    real = edge.execute
+    real = runner.execute
     entered, gate = asyncio.Event(), asyncio.Event()
 
-    async def execute(plan: Any, sources: Any, params: Any, request_id: str = "", *a: Any) -> Any:
-        if request_id == BUGGY:  # a bug only this request's values trigger
+    async def execute(plan: Any, sources: Any, params: Any, request: Any, *a: Any) -> Any:
+        if request.request_id == BUGGY:  # a bug only this request's values trigger
             entered.set()
             await gate.wait()
             raise RuntimeError("a bug in this request's own fan-out")
-        return await real(plan, sources, params, request_id, *a)
+        return await real(plan, sources, params, request, *a)
 
-    monkeypatch.setattr(edge, "execute", execute)
+    monkeypatch.setattr(runner, "execute", execute)
     cache_url = redis_url if backend == "redis" else "memory://"
     env = product_view_env(sims, catalog_dsn, cache_url)
     async with gateway(loaded(env, redis_prefix)) as (url, events):

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.core.context import RequestContext
 from gateway.core.errors import SourceError
 from gateway.core.plan import CallPlan, EndpointPlan
 from gateway.core.templates import Unrenderable
@@ -44,17 +45,18 @@ async def execute(
     plan: EndpointPlan,
     sources: Mapping[str, Source],
     params: Mapping[str, Any],
-    request_id: str = "",
+    request: RequestContext | None = None,
     deadline: float | None = None,
-    request_headers: Mapping[bytes, bytes] | None = None,
 ) -> Composite:
     """Run every call of `plan` concurrently under its deadline and return what each produced.
 
     `deadline` (loop time) is the request's, when part of its budget is already spent (the cache
     lookup, a wait for another request's fan-out); by default the plan's deadline from now.
-    `request_headers` (the client's, names in lower case) supply the calls' `forward_headers`.
+    `request` gives the request id and the client's headers (for the calls' `forward_headers`).
     Source failures become outcomes; any other exception is a bug and propagates.
     """
+    request_id = "" if request is None else request.request_id
+    request_headers = None if request is None else request.headers
     loop = asyncio.get_running_loop()
     start = loop.time()
     if deadline is None:

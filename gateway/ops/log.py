@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import itertools
 import logging
@@ -12,13 +13,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import orjson
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.core.context import RequestContext, current
 
 
 def configure(fmt: str | None = None, level: int | None = None) -> None:
@@ -169,21 +170,8 @@ def add_request_id(
     return event
 
 
-@dataclass(slots=True)
-class RequestInfo:
-    """What one request did, filled in by the handler and written once by the access log."""
-
-    request_id: str
-    endpoint: str = ""
-    cache: str = ""
-    complete: bool | None = None
-    disconnected: bool = False
-    calls: dict[str, Any] = field(default_factory=dict)
-    fanout: tuple[float, float] | None = None
-    """(ms from the handler's start to the fan-out's, the fan-out's ms) when one ran for it."""
-
-
-current: ContextVar[RequestInfo | None] = ContextVar("gateway_request", default=None)
+RequestInfo = RequestContext
+"""The access log's name for the request context (what the request metrics observe)."""
 _REQUEST_ID = b"x-request-id"
 
 
@@ -194,7 +182,7 @@ logs and in every upstream call's headers, which some HTTP clients can only enco
 
 def _request_id(scope: Scope) -> str:
     """Return the client's `X-Request-ID` when it is short visible ASCII, else a new id."""
-    for name, value in scope.get("headers", ()):
+    for name, value in scope["headers"]:
         if name == _REQUEST_ID:
             if _VISIBLE_ID.fullmatch(value):
                 return value.decode("ascii")
@@ -224,9 +212,10 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        info = RequestInfo(_request_id(scope))
+        clock = asyncio.get_running_loop().time
+        start = clock()
+        info = RequestContext(_request_id(scope), start, dict(scope["headers"]))
         token = current.set(info)
-        start = time.perf_counter()
         status = 500
         header = (b"x-request-id", info.request_id.encode("latin-1"))
 
@@ -240,7 +229,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            seconds = time.perf_counter() - start
+            seconds = clock() - start
             if info.disconnected:
                 status = 499
             if self.observe is not None:

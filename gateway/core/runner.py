@@ -1,0 +1,201 @@
+"""An endpoint compiled to a runner: typed parameters in, a status, headers and bytes out.
+
+The runner owns everything between the edge and the wire: the cache lookup, the fan-out, the
+merge, the encoding, the entry it stores, and the headers of the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from cache.composite import CompositeCache, Lookup
+from cache.entry import Entry, make_entry
+from cache.keys import composite_key
+from cache.policy import CachePolicy
+from gateway.core.context import RequestContext
+from gateway.core.executor import Composite, execute
+from gateway.core.merge import answer, with_stale_age
+from gateway.core.plan import PERSONAL_HEADERS, EndpointPlan
+from gateway.core.types import Source
+
+JSON_TYPE = (b"content-type", b"application/json")
+
+Headers = list[tuple[bytes, bytes]]
+Reply = tuple[int, Headers, bytes]
+"""A response as the edge sends it: status, headers (without content-length) and body."""
+
+Observe = Callable[[EndpointPlan, Composite], None]
+"""Told about every fan-out that ran, background refreshes included (metrics and statistics)."""
+
+
+class Runner:
+    """One endpoint, compiled when the config loads; called once per request."""
+
+    def __init__(
+        self,
+        plan: EndpointPlan,
+        sources: Mapping[str, Source],
+        cache: CompositeCache,
+        policy: CachePolicy | None,
+        key_prefix: str,
+        observe: Observe,
+    ) -> None:
+        self.plan = plan
+        self.sources = sources
+        # An endpoint whose answers can never be stored is served uncached (BYPASS), the
+        # cache never asked: `policy` is None then.
+        self.cache = cache
+        self.policy = policy
+        self.key_prefix = key_prefix
+        self.observe = observe
+        self.deadline = plan.deadline
+        self.reserve = plan.cache_reserve if policy is not None else 0.0
+        self.names = tuple(p.name for p in plan.params)
+        # Header names are not identifiers, so they cannot collide with a parameter.
+        self.vary_keys = tuple((f"header:{h.decode()}", h) for h in plan.vary)
+        self.vary = b", ".join(plan.vary)
+        self.bypassable = policy is not None and policy.allow_client_bypass
+        # An answer built from who is asking (a forwarded Authorization or Cookie, cached or
+        # not, or a cache key varied by one) is for that client's own cache only.
+        personal = plan.personal or not PERSONAL_HEADERS.isdisjoint(plan.vary)
+        self.cache_scope = b"private, max-age=" if personal else b"public, max-age="
+
+    async def __call__(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
+        """Answer one request: from the cache, or from a fan-out run (once per key) for it."""
+        plan = self.plan
+        ctx.endpoint = plan.id
+        # The deadline caps everything the client waits for: cache reads, waits for another
+        # request's fan-out, the fan-out, and the cache write after it (`reserve`).
+        ctx.deadline = deadline = ctx.arrived + self.deadline
+        fresh: list[Composite] = []
+
+        async def compute() -> Entry:
+            return await self._compute(ctx, params, fresh)
+
+        if self.policy is None:
+            lookup = Lookup(await compute(), "BYPASS", 0.0, 0.0, False)
+        else:
+            lookup = await self._fetch(ctx, params, compute, deadline)
+        ctx.cache = lookup.state
+        ctx.complete = lookup.entry.complete
+        composite = fresh[0] if fresh else None
+        if composite is not None:
+            ctx.calls = {
+                n: {"outcome": r.outcome, "ms": round(r.ms, 1)}
+                for n, r in composite.results.items()
+            }
+        return self._reply(lookup, composite, ctx.headers.get(b"if-none-match"))
+
+    async def _compute(
+        self, ctx: RequestContext, params: Mapping[str, Any], fresh: list[Composite]
+    ) -> Entry:
+        # A background refresh has no client waiting: it gets a whole deadline of its own.
+        in_request = ctx.watch()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        ends = ctx.deadline - self.reserve if in_request else began + self.deadline
+        composite = await execute(self.plan, self.sources, params, ctx, ends)
+        if in_request:
+            # When the fan-out began and how long it took: the rest of the request's time
+            # went to the cache, waits for another fan-out and the answer's own work.
+            ctx.fanout = (
+                round((began - ctx.arrived) * 1000, 1),
+                round((loop.time() - began) * 1000, 1),
+            )
+        composite, status, body = answer(self.plan, composite)
+        fresh.append(composite)
+        self.observe(self.plan, composite)  # here, so background refreshes count too
+        return make_entry(status, body, status == 200 and composite.complete)
+
+    async def _fetch(
+        self,
+        ctx: RequestContext,
+        params: Mapping[str, Any],
+        compute: Callable[[], Any],
+        deadline: float,
+    ) -> Lookup:
+        policy = self.policy
+        assert policy is not None
+        headers = ctx.headers
+        pairs: Sequence[tuple[str, object]] = [(n, params[n]) for n in self.names]
+        if self.vary_keys:
+            pairs = [
+                *pairs,
+                *((k, headers.get(h, b"").decode("latin-1")) for k, h in self.vary_keys),
+            ]
+        key = composite_key(self.key_prefix, self.plan.id, self.plan.digest, pairs)
+        tags = [t.render_value(params) for t in self.plan.tags]
+        # Directive names are case-insensitive (RFC 9111 5.2): `No-Cache` asks the same.
+        bypass = self.bypassable and b"no-cache" in headers.get(b"cache-control", b"").lower()
+        return await self.cache.fetch(key, tags, policy, compute, deadline=deadline, bypass=bypass)
+
+    def _reply(
+        self, lookup: Lookup, composite: Composite | None, if_none_match: bytes | None
+    ) -> Reply:
+        entry = lookup.entry
+        body = entry.body
+        if lookup.error_stale:
+            body = with_stale_age(body, lookup.age_s)
+        if entry.status == 200 and entry.complete and not lookup.error_stale:
+            cache_control = self.cache_scope + str(int(lookup.fresh_for_s)).encode()
+        else:
+            cache_control = b"no-store"
+        headers = [
+            JSON_TYPE,
+            (b"x-gateway-complete", b"true" if entry.complete else b"false"),
+            (b"x-cache", lookup.state.encode()),
+            (b"cache-control", cache_control),
+            (b"server-timing", server_timing(composite, lookup)),
+        ]
+        if self.vary:
+            headers.append((b"vary", self.vary))
+        if body is entry.body and entry.etag:
+            etag = entry.etag.encode()
+            headers.append((b"etag", etag))
+            if (
+                entry.status == 200
+                and if_none_match is not None
+                and _etag_matches(if_none_match, etag)
+            ):
+                return 304, headers[1:], b""
+        return entry.status, headers, body
+
+
+def server_timing(composite: Composite | None, lookup: Lookup) -> bytes:
+    """Return a Server-Timing value: one entry per call (duration, or outcome and duration)."""
+    if composite is None:
+        return f'cache;desc="{lookup.state}"'.encode()
+    parts = []
+    for name, r in composite.results.items():
+        desc = "" if r.outcome == "ok" else f';desc="{r.outcome}"'
+        parts.append(f"{name}{desc};dur={r.ms:.1f}")
+    return ", ".join(parts).encode()
+
+
+def _etag_matches(header: bytes, etag: bytes) -> bool:
+    if header.strip() == b"*":
+        return True
+    return any(t.strip().removeprefix(b"W/") == etag for t in header.split(b","))
+
+
+def runners(
+    plans: Mapping[str, EndpointPlan],
+    sources: Mapping[str, Source],
+    cache: CompositeCache,
+    key_prefix: str,
+    observe: Observe,
+) -> dict[str, Runner]:
+    """Return one runner per endpoint plan, by endpoint id."""
+    return {
+        pid: Runner(
+            plan,
+            sources,
+            cache,
+            plan.cache if plan.cache is not None and plan.cache.stores else None,
+            key_prefix,
+            observe,
+        )
+        for pid, plan in plans.items()
+    }
