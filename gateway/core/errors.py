@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from gateway.core.types import Outcome
+
 
 class SourceError(Exception):
     """A source failed; only its own part of the answer is lost."""
 
-    outcome: ClassVar[str] = "error"
+    outcome: ClassVar[Outcome] = "error"
 
 
 class SourceTimeout(SourceError):

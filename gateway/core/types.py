@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 JSON = Any
 """A decoded JSON value: dict, list, str, int, float, bool or None."""
 
-Outcome = Literal["ok", "timeout", "error", "not_found", "circuit_open", "overloaded", "skipped"]
+Outcome = Literal["ok", "not_found", "error", "timeout", "circuit_open", "overloaded", "skipped"]
+"""What became of one call: `ok`, or why it has no value. The one spelling of these words: the
+errors' `outcome`, `_meta.sources`, metrics labels and `/admin/sources` all use these values."""
+
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+"""Every outcome, in the order they are reported."""
+
+ASKED: frozenset[Outcome] = frozenset({"ok", "not_found", "error", "timeout"})
+"""Outcomes of calls that reached their source, whose latency is the source's: `circuit_open`,
+`overloaded` and `skipped` never left the gateway."""
+
+ANSWERED: frozenset[Outcome] = frozenset({"ok", "not_found"})
+"""Outcomes where the source answered as it should: their latency is what a timeout must allow."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
+from gateway.core.types import ASKED, OUTCOMES
 from gateway.ops.log import RequestInfo
 
 if TYPE_CHECKING:
@@ -44,9 +45,6 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 """`gateway_breaker_state`: 0 closed, 1 half open, 2 open."""
-
-# Outcomes whose latency is the source's: the others never reached it.
-_TIMED = frozenset({"ok", "not_found", "error", "timeout"})
 
 LiveSample = tuple[str, str, float]
 """(metric name, source, value) read from a running source."""
@@ -89,7 +87,7 @@ class Metrics:
         )
         self.call_outcomes = Counter(
             "gateway_call_outcomes",
-            "Calls by outcome: ok, timeout, error, not_found, circuit_open, overloaded, skipped.",
+            "Calls by outcome: " + ", ".join(OUTCOMES) + ".",
             ["source", "call", "outcome"],
             registry=r,
         )
@@ -166,7 +164,7 @@ class Metrics:
                     self.fallbacks.labels(cp.source, cp.name),
                 )
             children[0].inc()
-            if r.outcome in _TIMED:
+            if r.outcome in ASKED:
                 children[1].observe(r.ms / 1000)
             if r.outcome != "ok" and not cp.required:
                 children[2].inc()

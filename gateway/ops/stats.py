@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config.kinds import SourceConfig
 from gateway.config.schema import GatewayConfig
+from gateway.core.types import ANSWERED, ASKED, OUTCOMES, Outcome
 from upstreams.breaker import Window
 
 if TYPE_CHECKING:
@@ -44,12 +45,6 @@ _GROWTH = 1.05
 _BINS = 400
 _INV_LOG_GROWTH = 1 / math.log(_GROWTH)
 _EDGES = tuple(_FIRST_MS * _GROWTH**i for i in range(_BINS))
-
-# Outcomes where the source itself was asked; circuit_open, overloaded and skipped never left us.
-_ATTEMPTED = frozenset({"ok", "not_found", "error", "timeout"})
-# Outcomes where the source answered as it should; their latency is what a timeout must allow.
-_ANSWERED = frozenset({"ok", "not_found"})
-OUTCOMES = ("ok", "not_found", "error", "timeout", "circuit_open", "overloaded", "skipped")
 
 
 def _bin(ms: float) -> int:
@@ -84,7 +79,7 @@ class SourceStats:
         self._clock = clock
         self._slots = [_Slot(-1) for _ in range(slots)]
 
-    def record(self, outcome: str, ms: float) -> None:
+    def record(self, outcome: Outcome, ms: float) -> None:
         """Count one call's outcome and, when the source was asked, its latency."""
         epoch = int(self._clock() // self._width)
         slots = self._slots
@@ -92,17 +87,17 @@ class SourceStats:
         if slot.epoch != epoch:
             slot = slots[epoch % len(slots)] = _Slot(epoch)
         slot.outcomes[outcome] = slot.outcomes.get(outcome, 0) + 1
-        if outcome in _ATTEMPTED:
+        if outcome in ASKED:
             b = _bin(ms)
             slot.attempted[b] += 1
-            if outcome in _ANSWERED:
+            if outcome in ANSWERED:
                 slot.answered[b] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """Return counts, ratios, p50/p95/p99 (ms), the cut share and a suggested timeout."""
         oldest = int(self._clock() // self._width) - len(self._slots)
         live = [s for s in self._slots if s.epoch > oldest]
-        outcomes = dict.fromkeys(OUTCOMES, 0)
+        outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         for s in live:
             for name, n in s.outcomes.items():
                 outcomes[name] = outcomes.get(name, 0) + n
@@ -207,7 +202,7 @@ class Stats:
                 fresh[name] = SourceStats(cfg.timeout_ms, self.window_s, clock=self._clock)
         self.sources, self._configs = fresh, dict(config.sources)
 
-    def record(self, source: str, outcome: str, ms: float) -> None:
+    def record(self, source: str, outcome: Outcome, ms: float) -> None:
         """Count one call of `source` (calls of a source that was just removed are dropped)."""
         stats = self.sources.get(source)
         if stats is not None:
