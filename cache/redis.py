@@ -152,6 +152,7 @@ class RedisStore:
         self._tag_script = client.register_script(_TAG)
         self._discovery: asyncio.Task[None] | None = None
         self._abandoned: set[asyncio.Task[Any]] = set()
+        self._admitted_now = 0  # operations holding one of a cluster's `_in_flight` slots
         self._leak_logged_at = float("-inf")
 
     async def get(self, key: str) -> bytes | None:
@@ -325,12 +326,13 @@ class RedisStore:
         flight), and operations given up on that are still finishing."""
         abandoned = len(self._abandoned)
         if isinstance(self._client, RedisCluster) or self._in_flight is not None:
-            busy = MAX_CONNECTIONS - self._in_flight._value if self._in_flight else 0
-            return {"in_use": busy, "abandoned": abandoned}
-        pool = self._client.connection_pool
-        in_use = len(getattr(pool, "_in_use_connections", ()))
-        idle = len(getattr(pool, "_available_connections", ()))
-        return {"in_use": in_use, "idle": idle, "abandoned": abandoned}
+            return {"in_use": self._admitted_now, "abandoned": abandoned}
+        # Public since redis-py 8.1: [(n, {..., state: "idle"}), (n, {..., state: "used"})].
+        counts = {
+            attributes.get("db.client.connection.state"): n
+            for n, attributes in self._client.connection_pool.get_connection_count()
+        }
+        return {"in_use": counts["used"], "idle": counts["idle"], "abandoned": abandoned}
 
     async def close(self) -> None:
         """Finish abandoned operations, then close the client and its connection pool."""
@@ -382,7 +384,11 @@ class RedisStore:
             return await work()
         await self._discover()
         async with self._in_flight:
-            return await work()
+            self._admitted_now += 1
+            try:
+                return await work()
+            finally:
+                self._admitted_now -= 1
 
     def _leaked(self, name: str, exc: Exception) -> None:
         now = time.monotonic()

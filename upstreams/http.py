@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from http.cookiejar import Cookie, CookieJar
@@ -32,6 +32,7 @@ from gateway.core.errors import BadPayload, NotFound, SourceTimeout, SourceUnava
 from gateway.core.templates import scalar_text
 from gateway.core.types import JSON, Call, Upstream
 from upstreams.decode import ACCEPT_ENCODING, json_body, read_body
+from upstreams.pool_use import PoolUse
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +107,12 @@ def map_errors(source: str) -> Iterator[None]:
 
 
 def _aiohttp_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstream:
+    use = PoolUse(cfg.pool.max)
     connector = aiohttp.TCPConnector(
-        limit=cfg.pool.max, limit_per_host=0, keepalive_timeout=cfg.pool.keepalive_s
+        limit=cfg.pool.max,
+        limit_per_host=0,
+        keepalive_timeout=cfg.pool.keepalive_s,
+        socket_factory=use.open_socket,
     )
     session = aiohttp.ClientSession(
         connector=connector,
@@ -120,13 +125,17 @@ def _aiohttp_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstre
 
     async def get(call: Call) -> JSON:
         url = yarl.URL(_url(base, call), encoded=True)
-        with map_errors(name):
-            async with session.get(
-                url, headers=_headers(static, call, prop), allow_redirects=False
-            ) as resp:
-                _check(name, resp.status, resp.content_length, max_bytes)
-                encoding = ",".join(resp.headers.getall("Content-Encoding", ()))
-                body = await read_body(name, resp.content.iter_any(), max_bytes, encoding)
+        use.calls += 1
+        try:
+            with map_errors(name):
+                async with session.get(
+                    url, headers=_headers(static, call, prop), allow_redirects=False
+                ) as resp:
+                    _check(name, resp.status, resp.content_length, max_bytes)
+                    encoding = ",".join(resp.headers.getall("Content-Encoding", ()))
+                    body = await read_body(name, resp.content.iter_any(), max_bytes, encoding)
+        finally:
+            use.calls -= 1
         return json_body(name, resp.status, body)
 
     async def ping() -> None:
@@ -135,17 +144,7 @@ def _aiohttp_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstre
                 async with session.get(root, allow_redirects=False):
                     pass
 
-    def pool_stats() -> Mapping[str, int]:
-        # aiohttp has no public counters; these two attributes have been stable through 3.x.
-        in_use = getattr(connector, "_acquired", ())
-        idle = getattr(connector, "_conns", {})
-        return {
-            "limit": connector.limit,
-            "in_use": len(in_use),
-            "idle": sum(len(conns) for conns in idle.values()),
-        }
-
-    return Upstream(call=get, close=session.close, ping=ping, pool_stats=pool_stats)
+    return Upstream(call=get, close=session.close, ping=ping, pool_stats=use.stats)
 
 
 # --- httpx (`client: httpx`, e.g. for HTTP/2) ------------------------------------------------
@@ -168,17 +167,24 @@ def _httpx_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstream
     )
     base, static, max_bytes = cfg.base_url, CIMultiDict(cfg.headers), cfg.max_bytes
     root = httpx.URL(base + "/")
+    use = PoolUse(cfg.pool.max)
 
     async def get(call: Call) -> JSON:
         # httpx keeps existing %XX escapes as they are and only drops literal `.`/`..`
         # segments, which rendered values cannot produce (path_segment escapes them).
         url = httpx.URL(_url(base, call))
-        with map_errors(name):
-            async with client.stream("GET", url, headers=_headers(static, call, prop)) as resp:
-                length = resp.headers.get("content-length", "")
-                _check(name, resp.status_code, int(length) if length.isdigit() else None, max_bytes)
-                encoding = ",".join(resp.headers.get_list("content-encoding"))
-                body = await read_body(name, resp.aiter_raw(), max_bytes, encoding)
+        use.calls += 1
+        try:
+            with map_errors(name):
+                async with client.stream("GET", url, headers=_headers(static, call, prop)) as resp:
+                    use.saw(resp.extensions.get("network_stream"))
+                    length = resp.headers.get("content-length", "")
+                    size = int(length) if length.isdigit() else None
+                    _check(name, resp.status_code, size, max_bytes)
+                    encoding = ",".join(resp.headers.get_list("content-encoding"))
+                    body = await read_body(name, resp.aiter_raw(), max_bytes, encoding)
+        finally:
+            use.calls -= 1
         return json_body(name, resp.status_code, body)
 
     async def ping() -> None:
@@ -187,14 +193,7 @@ def _httpx_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstream
                 async with client.stream("GET", root):
                     pass
 
-    def pool_stats() -> Mapping[str, int]:
-        # The transport's pool is httpcore's; `connections` is public there, `_pool` is not.
-        pool = getattr(transport, "_pool", None)
-        conns = list(getattr(pool, "connections", ()))
-        idle = sum(1 for c in conns if c.is_idle())
-        return {"limit": cfg.pool.max, "in_use": len(conns) - idle, "idle": idle}
-
-    return Upstream(call=get, close=client.aclose, ping=ping, pool_stats=pool_stats)
+    return Upstream(call=get, close=client.aclose, ping=ping, pool_stats=use.stats)
 
 
 class _NoCookies(CookieJar):
