@@ -93,6 +93,7 @@ class CompositeCache:
         near: NearCache | None = None,
     ) -> None:
         self.store = store
+        self._local = store if isinstance(store, MemoryStore) else None
         self.near = near
         self.on_event = on_event
         self._clock = clock
@@ -120,14 +121,24 @@ class CompositeCache:
     ) -> Lookup:
         """Return the answer for `key`: stored if fresh (or stale and revalidating), else computed
         once per key however many ask, and stored by its outcome's TTL."""
-        ask = _Ask(key, tags, policy, compute)
         if bypass:
-            return await self._bypass(ask)
+            return await self._bypass(_Ask(key, tags, policy, compute))
         if not policy.stores:
             # Nothing this endpoint answers is ever stored: no read could find anything, and no
             # lock would guard a write. The backend is not asked at all.
             self._event("bypass")
             return Lookup(await compute(), "BYPASS", 0.0, 0.0, False)
+        if self._local is not None and key not in self._flights:
+            # An in-process store reads for free: a fresh entry is served without a flight, a
+            # lock token or a lookup; anything else goes the whole way (one more read, no I/O).
+            cached = self._decode(await self._local.get(key))
+            if cached is not None:
+                age = max(0.0, self._clock() - cached.written_at)
+                ttl = policy.ttl_for(cached)
+                if age < ttl:
+                    self._event("hit")
+                    return Lookup(cached, "HIT", age, ttl - age, False)
+        ask = _Ask(key, tags, policy, compute)
         near = self.near
         if near is not None:
             now = self._clock()
