@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,12 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config.schema import ServerConfig
-from gateway.edge.server import HeadWithBody, OneWriteHttpToolsProtocol, http_protocol
+from gateway.edge.server import (
+    UVICORN_PRIVATE,
+    HeadWithBody,
+    OneWriteHttpToolsProtocol,
+    http_protocol,
+)
 from tests.support import free_port
 
 WRITES: list[bytes] = []
@@ -105,6 +111,53 @@ def test_gateway_serve_uses_the_one_write_protocol() -> None:
     assert callable(getattr(HttpToolsProtocol, "_start_asgi_task", None))
     limited = http_protocol(ServerConfig(max_connections=5))
     assert isinstance(limited, functools.partial) and limited.func is OneWriteHttpToolsProtocol
+
+
+class Inspecting(RecordedProtocol):
+    """Records, while serving a request, which of `UVICORN_PRIVATE` its objects lack."""
+
+    missing: list[str] = []
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        found = {
+            "HttpToolsProtocol": self,
+            "RequestResponseCycle": self.cycle,
+            "FlowControl": self.flow,
+        }
+        assert set(found) == set(UVICORN_PRIVATE)
+        for owner, names in UVICORN_PRIVATE.items():
+            assert type(found[owner]).__name__ in (owner, type(self).__name__)
+            Inspecting.missing += [f"{owner}.{n}" for n in names if not hasattr(found[owner], n)]
+
+
+async def test_every_private_name_of_uvicorn_the_protocol_uses_still_exists() -> None:
+    # The protocol subclasses uvicorn's and reads its undocumented state: a release that renames
+    # any of it fails here by name, not somewhere in a limit or a write.
+    assert list(inspect.signature(HttpToolsProtocol.__init__).parameters) == [
+        "self",
+        "config",
+        "server_state",
+        "app_state",
+        "_loop",
+    ]
+    Inspecting.missing.clear()
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", http=Inspecting)
+    srv = uvicorn.Server(config)
+    srv.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(srv.serve())
+    while not srv.started:
+        assert not task.done()
+        await asyncio.sleep(0.01)
+    try:
+        got = await exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    finally:
+        srv.should_exit = True
+        await asyncio.wait_for(task, 10)
+    assert got.endswith(b"hello")
+    assert Inspecting.missing == []
+    assert "_start_asgi_task" in vars(HttpToolsProtocol)  # overridden, so it must be uvicorn's
 
 
 async def test_a_response_leaves_in_one_write() -> None:
