@@ -67,9 +67,10 @@ async def measure(requests: int, concurrency: int, cached: bool) -> float:
         await asyncio.gather(*(u.close() for u in rt.upstreams.values()))
         upstreams = {n: instant(n) for n in rt.upstreams}
         guards = {n: guard(n, loaded.config.sources[n], u) for n, u in upstreams.items()}
-        gw._runtime = dataclasses.replace(
-            rt, upstreams=upstreams, guards=guards, sources={n: g.call for n, g in guards.items()}
-        )
+        sources = {n: g.call for n, g in guards.items()}
+        for runner in rt.runners.values():
+            runner.sources = sources  # each endpoint's runner calls the instant sources
+        gw._runtime = dataclasses.replace(rt, upstreams=upstreams, guards=guards, sources=sources)
 
         async def receive() -> dict[str, Any]:
             await asyncio.sleep(3600)
