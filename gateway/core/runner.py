@@ -80,13 +80,19 @@ class Runner:
             lookup = await self._fetch(ctx, params, compute, deadline)
         ctx.cache = lookup.state
         ctx.complete = lookup.entry.complete
-        composite = fresh[0] if fresh else None
-        if composite is not None:
-            ctx.calls = {
-                n: {"outcome": r.outcome, "ms": round(r.ms, 1)}
-                for n, r in composite.results.items()
-            }
-        return self._reply(lookup, composite, ctx.headers.get(b"if-none-match"))
+        if fresh:
+            # One pass over the calls for the access line and the Server-Timing header.
+            calls: dict[str, Any] = {}
+            parts = []
+            for n, r in fresh[0].results.items():
+                calls[n] = {"outcome": r.outcome, "ms": round(r.ms, 1)}
+                desc = "" if r.outcome == "ok" else f';desc="{r.outcome}"'
+                parts.append(f"{n}{desc};dur={r.ms:.1f}")
+            ctx.calls = calls
+            timing = ", ".join(parts).encode()
+        else:
+            timing = f'cache;desc="{lookup.state}"'.encode()
+        return self._reply(lookup, timing, ctx.headers.get(b"if-none-match"))
 
     async def _compute(
         self, ctx: RequestContext, params: Mapping[str, Any], fresh: list[Composite]
@@ -131,9 +137,7 @@ class Runner:
         bypass = self.bypassable and b"no-cache" in headers.get(b"cache-control", b"").lower()
         return await self.cache.fetch(key, tags, policy, compute, deadline=deadline, bypass=bypass)
 
-    def _reply(
-        self, lookup: Lookup, composite: Composite | None, if_none_match: bytes | None
-    ) -> Reply:
+    def _reply(self, lookup: Lookup, timing: bytes, if_none_match: bytes | None) -> Reply:
         entry = lookup.entry
         body = entry.body
         if lookup.error_stale:
@@ -147,7 +151,7 @@ class Runner:
             (b"x-gateway-complete", b"true" if entry.complete else b"false"),
             (b"x-cache", lookup.state.encode()),
             (b"cache-control", cache_control),
-            (b"server-timing", server_timing(composite, lookup)),
+            (b"server-timing", timing),
         ]
         if self.vary:
             headers.append((b"vary", self.vary))
@@ -161,17 +165,6 @@ class Runner:
             ):
                 return 304, headers[1:], b""
         return entry.status, headers, body
-
-
-def server_timing(composite: Composite | None, lookup: Lookup) -> bytes:
-    """Return a Server-Timing value: one entry per call (duration, or outcome and duration)."""
-    if composite is None:
-        return f'cache;desc="{lookup.state}"'.encode()
-    parts = []
-    for name, r in composite.results.items():
-        desc = "" if r.outcome == "ok" else f';desc="{r.outcome}"'
-        parts.append(f"{name}{desc};dur={r.ms:.1f}")
-    return ", ".join(parts).encode()
 
 
 def _etag_matches(header: bytes, etag: bytes) -> bool:
