@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 import time
 import uuid
@@ -455,3 +456,15 @@ async def test_sqlite_queries_run_in_parallel_across_its_connections(sqlite_dsn:
 async def test_a_failing_sqlite_file_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(SourceUnavailable):
         await sql_source("catalog", _config(f"sqlite:///{tmp_path}/missing/dir/x.db"))
+
+
+def test_the_one_private_aiomysql_name_the_adapter_uses_still_exists() -> None:
+    # upstreams/mysql.py wakes a pool waiter after releasing a closed connection with
+    # `Pool._wakeup()` (aiomysql has no public way to): a release that drops it must fail here,
+    # by name, not as calls that wait out their timeout.
+    import aiomysql
+
+    assert inspect.iscoroutinefunction(getattr(aiomysql.Pool, "_wakeup", None)), (
+        "aiomysql.Pool._wakeup is gone: upstreams/mysql.py _borrow needs another way to wake a "
+        "waiter after a closed connection is released"
+    )

@@ -169,6 +169,8 @@ async def _borrow(pool: Any, wakeups: set[asyncio.Task[None]]) -> AsyncIterator[
         if conn.closed:
             # aiomysql wakes a waiter only when a live connection comes back; without this, a call
             # waiting for the slot a closed connection freed would wait out its own timeout.
+            # Private, and the only private aiomysql name used: tests/test_sql_source.py fails by
+            # name when a release drops it.
             task = asyncio.get_running_loop().create_task(pool._wakeup())
             wakeups.add(task)
             task.add_done_callback(wakeups.discard)
