@@ -141,6 +141,27 @@ async def test_miss_then_hit_until_ttl(cache: CompositeCache, clock: Clock) -> N
     assert up.calls == 2
 
 
+async def test_a_fresh_hit_from_memory_takes_no_lock_and_no_flight(clock: Clock) -> None:
+    store = MemoryStore(1000, 1 << 24, clock=clock)
+    cache = CompositeCache(store, clock=clock)
+    up = Upstream(clock)
+    assert await fetch(cache, up, PLAIN) == ("MISS", 200, b'{"n":1}')
+    looked: list[str] = []
+    lookup = store.lookup
+
+    async def counted(key: str, *args: Any) -> tuple[bool, bytes | None]:
+        looked.append(key)
+        return await lookup(key, *args)
+
+    store.lookup = counted  # type: ignore[method-assign]
+    hits = [cache.fetch("k", [], PLAIN, up, deadline=far()) for _ in range(3)]
+    assert [h.state for h in await asyncio.gather(*hits)] == ["HIT"] * 3
+    assert looked == [] and store._locks == {} and up.calls == 1
+    clock.now += 61  # past the TTL, the whole way: one lookup that takes the lock
+    assert await fetch(cache, up, PLAIN) == ("MISS", 200, b'{"n":2}')
+    assert looked == ["k"]
+
+
 async def test_miss_reports_full_freshness_and_hit_keeps_etag(
     cache: CompositeCache, clock: Clock
 ) -> None:
