@@ -144,7 +144,7 @@ async def _run_call(
     try:
         value = await source(call)
     except SourceError as exc:
-        return CallResult(exc.outcome, None, (time.perf_counter() - t0) * 1000, str(exc))  # type: ignore[arg-type]
+        return CallResult(exc.outcome, None, (time.perf_counter() - t0) * 1000, str(exc))
     if cp.select is not None:
         value = _select(value, cp.select)
     return CallResult("ok", value, (time.perf_counter() - t0) * 1000)

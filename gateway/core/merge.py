@@ -9,9 +9,10 @@ import orjson
 
 from gateway.core.executor import Composite
 from gateway.core.plan import EndpointPlan
+from gateway.core.types import Outcome
 
 # What a failed required call means for the whole answer.
-STATUS_OF_OUTCOME = {
+STATUS_OF_OUTCOME: dict[Outcome, int] = {
     "not_found": 404,
     "timeout": 504,
     "circuit_open": 503,
@@ -24,7 +25,7 @@ STATUS_OF_OUTCOME = {
 def merge(plan: EndpointPlan, composite: Composite) -> dict[str, Any]:
     """Return the response document: each call's result or fallback by name, then `_meta`."""
     doc: dict[str, Any] = {}
-    failed: dict[str, str] = {}
+    failed: dict[str, Outcome] = {}
     for cp in plan.calls:
         result = composite.results[cp.name]
         if result.outcome == "ok":
