@@ -1,5 +1,11 @@
 """The Redis store, standalone or Cluster: every operation under its own timeout, every driver
-error translated into `CacheUnavailable`."""
+error translated into `CacheUnavailable`.
+
+Its scripts are in `cache.redis_scripts` and its clients are made in `cache.redis_clients`. What
+remains is one class, `RedisStore`, longer than this project's usual module: each operation is a
+few lines, and all of them share the one `_run` boundary (timeout, admission on a Cluster, error
+translation), which is what a reader must see beside them.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +15,20 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from hashlib import blake2b
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import orjson
 import structlog
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-try:
-    from redis.driver_info import DriverInfo
-except ImportError:  # redis-py < 7 reads its version once at import; nothing to hoist there.
-    DriverInfo = None  # type: ignore[assignment,misc]
-
+from cache import redis_clients as clients
+from cache import redis_scripts as scripts
 from cache.entry import stored_limit
 from cache.near import OnPurge
 from cache.store import CacheUnavailable
 
 log = structlog.get_logger("cache.redis")
-
-MAX_CONNECTIONS = 32
-"""Connections per process (per node for a cluster); past it, callers wait up to the op timeout."""
 
 DISCOVERY_TIMEOUT_S = 5.0
 """Finding a cluster's nodes (CLUSTER SLOTS, COMMAND) may take this long, in the background."""
@@ -39,71 +36,6 @@ DISCOVERY_TIMEOUT_S = 5.0
 ADMIN_TIMEOUT_S = 2.0
 """Purges (rare, and may touch many keys) and pings (probes, not requests) get this much time
 instead of the op timeout."""
-
-HEALTH_CHECK_S = 5.0
-"""A quiet purge subscription is pinged this often, so a dead connection is noticed."""
-
-# An entry and its lock share a hash tag (one slot), so storing the entry and releasing the lock
-# is one atomic script; a tag set lives in its tag's own slot and is only ever touched alone.
-_PUT_AND_UNLOCK = """
-redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
-if ARGV[3] ~= '' and redis.call('get', KEYS[2]) == ARGV[3] then redis.call('del', KEYS[2]) end
-return 1
-"""
-# A tag set must outlive the longest entry in it, and never shorten another entry's life.
-_TAG = """
-redis.call('sadd', KEYS[1], ARGV[1])
-if redis.call('pttl', KEYS[1]) < tonumber(ARGV[2]) then redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 1
-"""
-# Taken again by the token that holds it: an acquire that timed out on our side may have
-# taken the lock, and its owner's next poll must not wait for itself.
-# The entry is read as GETRANGE 0 ARGV[3], as `get` reads it: an empty string is no entry.
-_ACQUIRE = """
-local got = redis.call('set', KEYS[2], ARGV[1], 'nx', 'px', ARGV[2])
-if not got and redis.call('get', KEYS[2]) == ARGV[1] then
-  got = redis.call('set', KEYS[2], ARGV[1], 'xx', 'px', ARGV[2])
-end
-local data = redis.call('getrange', KEYS[1], 0, ARGV[3])
-if data == '' then data = false end
-return {got and 1 or 0, data}
-"""
-# A fetch's one round trip before its fan-out: the entry, and the lock only when the entry may
-# not be served as it is. The test is `cache.entry.servable`'s, on the entry's header (magic,
-# version, flags, status, written_at): ARGV[3] is "now,complete,partial,not_found", the caller's
-# clock and the ages each kind of entry may be served at (one argument: each one costs the
-# caller more to send than the server to split). Keep the two in step. LAST_BYTE is the
-# store's: the script is made per store.
-_LOOKUP = """
-local data = redis.call('getrange', KEYS[1], 0, LAST_BYTE)
-if data ~= '' then
-  local ok, magic, version, flags, status, written = pcall(struct.unpack, '>c2BBHd', data)
-  if ok and magic == 'GW' and version == 1 then
-    local f = '^([^,]+),([^,]+),([^,]+),([^,]+)$'
-    local now, complete, partial, missing = string.match(ARGV[3], f)
-    local window = 0
-    if status == 200 then
-      if flags % 2 == 1 then window = tonumber(complete) else window = tonumber(partial) end
-    elseif status == 404 then
-      window = tonumber(missing)
-    end
-    local age = tonumber(now) - written
-    if age < 0 then age = 0 end
-    if age < window then return {0, data} end
-  end
-else
-  data = false
-end
-local got = redis.call('set', KEYS[2], ARGV[1], 'nx', 'px', ARGV[2])
-if not got and redis.call('get', KEYS[2]) == ARGV[1] then
-  got = redis.call('set', KEYS[2], ARGV[1], 'xx', 'px', ARGV[2])
-end
-return {got and 1 or 0, data}
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
@@ -139,17 +71,17 @@ class RedisStore:
         # max_connections on a node it raises. Capping operations in flight makes callers queue
         # instead, within their op timeout, as BlockingConnectionPool does for one server.
         self._in_flight = (
-            asyncio.Semaphore(MAX_CONNECTIONS) if isinstance(client, RedisCluster) else None
+            asyncio.Semaphore(clients.MAX_CONNECTIONS) if isinstance(client, RedisCluster) else None
         )
         # Called by SHA (EVALSHA); redis-py loads a script again when a server answers NOSCRIPT
         # (a restart, a SCRIPT FLUSH, a new cluster node), to all primaries of a cluster.
         self._lookup_script = client.register_script(
-            _LOOKUP.replace("LAST_BYTE", str(max_value_bytes))
+            scripts.LOOKUP.replace("LAST_BYTE", str(max_value_bytes))
         )
-        self._acquire_script = client.register_script(_ACQUIRE)
-        self._release_script = client.register_script(_RELEASE)
-        self._put_script = client.register_script(_PUT_AND_UNLOCK)
-        self._tag_script = client.register_script(_TAG)
+        self._acquire_script = client.register_script(scripts.ACQUIRE)
+        self._release_script = client.register_script(scripts.RELEASE)
+        self._put_script = client.register_script(scripts.PUT_AND_UNLOCK)
+        self._tag_script = client.register_script(scripts.TAG)
         self._discovery: asyncio.Task[None] | None = None
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._admitted_now = 0  # operations holding one of a cluster's `_in_flight` slots
@@ -452,27 +384,6 @@ def _purge_of(data: object) -> tuple[list[str], list[str]]:
     return [str(k) for k in keys], [str(t) for t in tags]
 
 
-def _subscriber_of(url: str) -> Callable[[], Redis]:
-    """Return a maker of one plain connection for the purge subscription of `url`'s server."""
-    parts = urlsplit(url)
-    kwargs: dict[str, Any] = {
-        "socket_connect_timeout": 1.0,
-        "health_check_interval": HEALTH_CHECK_S,
-        # redis-py would reconnect and resubscribe by itself, hiding the purges sent meanwhile;
-        # a loss must reach the near tier, which then forgets what it holds.
-        "retry": Retry(NoBackoff(), 0),
-    }
-    if parts.scheme == "redis+cluster":
-        return lambda: Redis(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 6379,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            **kwargs,
-        )
-    return lambda: Redis.from_url(url, **kwargs)
-
-
 @functools.lru_cache(maxsize=256)
 def _window_args(windows: tuple[float, float, float]) -> str:
     # The same few policies every request: their part of the script's argument is written once.
@@ -490,33 +401,5 @@ def redis_store(
 ) -> RedisStore:
     """Return a store for `redis://`, `rediss://` or `redis+cluster://host:port` (no I/O yet)
     that reads at most `max_value_bytes` + 1 bytes of a value."""
-    parts = urlsplit(url)
-    client: Redis | RedisCluster
-    if parts.scheme == "redis+cluster":
-        client = RedisCluster(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 6379,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            max_connections=MAX_CONNECTIONS,
-            socket_connect_timeout=1.0,
-            socket_timeout=1.0,
-        )
-    else:
-        # The default pool raises past max_connections; a blocking one makes callers queue, and
-        # its wait is capped by the op timeout like everything else.
-        extra = {}
-        if DriverInfo is not None:
-            # Resolved once here: left to each new connection, it costs an importlib.metadata
-            # lookup (~2 ms of CPU), which a burst of connects pays inside a 20 ms op timeout.
-            extra["driver_info"] = DriverInfo()
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=op_timeout_s,
-            socket_connect_timeout=1.0,
-            socket_timeout=1.0,
-            **extra,
-        )
-        client = Redis.from_pool(pool)
-    return RedisStore(client, prefix, op_timeout_s, _subscriber_of(url), max_value_bytes)
+    client = clients.client_of(url, op_timeout_s)
+    return RedisStore(client, prefix, op_timeout_s, clients.subscriber_of(url), max_value_bytes)
