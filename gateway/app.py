@@ -7,10 +7,8 @@ import asyncio
 import gc
 import inspect
 import os
-import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -20,7 +18,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import multiprocess
 from starlette.routing import BaseRoute, Route
 
-from gateway import runtime
+from gateway import lifecycle, runtime
 from gateway.config import loader as config_mod
 from gateway.config.redact import redact_text
 from gateway.core.errors import ConfigError, SourceError
@@ -145,24 +143,6 @@ async def _retire(old: runtime.Runtime, new: runtime.Runtime, grace: float) -> N
         await runtime.stop(old, new)
 
 
-async def _watch(gw: Gateway, every_s: float = 1.0) -> None:
-    """Reload whenever the config file's modification time changes, until cancelled."""
-    seen = _mtime(gw.loaded.file)
-    while True:
-        await asyncio.sleep(every_s)
-        now = _mtime(gw.loaded.file)
-        if now != seen:
-            seen = now
-            await gw.reload_logged()
-
-
-def _mtime(path: str) -> float | None:
-    try:
-        return os.stat(path).st_mtime
-    except OSError:
-        return None  # being replaced (editors rename over it): the next tick sees the new one
-
-
 def create_app(
     config_path: str | None = None,
     *,
@@ -186,11 +166,11 @@ def create_app(
         gw.lag.start()
         background = []
         if watch:
-            background.append(asyncio.create_task(_watch(gw)))
+            background.append(asyncio.create_task(lifecycle.watch(gw)))
         if multiprocess_dir() is not None:
             background.append(asyncio.create_task(sample_forever(gw.metrics)))
-        hup = _on_sighup(gw)
-        term = _on_sigterm(gw)
+        hup = lifecycle.on_sighup(gw)
+        term = lifecycle.on_sigterm(gw)
         try:
             yield
         finally:
@@ -288,58 +268,6 @@ def _no_framework_telemetry() -> dict[str, Any]:
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
         return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
     return {}
-
-
-def _on_sighup(gw: Gateway) -> Callable[[], None]:
-    """Reload on SIGHUP while serving; return the function that stops listening for it."""
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
-
-    def hup() -> None:
-        _log.info("sighup", file=gw.loaded.file)
-        task = loop.create_task(gw.reload_logged())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    try:
-        loop.add_signal_handler(signal.SIGHUP, hup)
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
-        # Not the main thread, or no SIGHUP on this platform: reload stays on /admin/reload.
-        return lambda: None
-
-    def stop() -> None:
-        loop.remove_signal_handler(signal.SIGHUP)
-
-    return stop
-
-
-def _on_sigterm(gw: Gateway) -> Callable[[], None]:
-    """Mark `gw` draining the moment SIGTERM arrives, then hand the signal to the handler that
-    was there before (uvicorn's, which starts its graceful shutdown); return the function that
-    puts that handler back."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if not callable(previous):
-        return lambda: None  # no server's handler to hand it to: the signal's default stays
-    loop = asyncio.get_running_loop()
-
-    def term(sig: int, frame: FrameType | None) -> None:
-        if not gw.draining:
-            gw.draining = True
-            # Not logged here: a signal handler may interrupt the logger holding its own lock.
-            drain_s = gw.server.drain_s
-            loop.call_soon_threadsafe(lambda: _log.info("draining", drain_s=drain_s))
-        previous(sig, frame)
-
-    try:
-        signal.signal(signal.SIGTERM, term)
-    except ValueError:
-        return lambda: None  # not the main thread: the server's handler stays alone
-
-    def stop() -> None:
-        if signal.getsignal(signal.SIGTERM) is term:
-            signal.signal(signal.SIGTERM, previous)
-
-    return stop
 
 
 def app_from_env() -> Edge:
