@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import signal
 from collections.abc import Callable
@@ -82,7 +83,10 @@ def on_sigterm(gw: Running) -> Callable[[], None]:
             gw.draining = True
             # Not logged here: a signal handler may interrupt the logger holding its own lock.
             drain_s = gw.server.drain_s
-            loop.call_soon_threadsafe(lambda: _log.info("draining", drain_s=drain_s))
+            # Nor in the interrupted code's context (often a request's, whose id it would carry).
+            loop.call_soon_threadsafe(
+                lambda: _log.info("draining", drain_s=drain_s), context=contextvars.Context()
+            )
         previous(sig, frame)
 
     try:

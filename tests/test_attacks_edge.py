@@ -327,6 +327,45 @@ async def test_sigterm_sets_draining_at_once_and_still_runs_the_servers_own_hand
         signal.signal(signal.SIGTERM, previous)
 
 
+async def test_the_draining_line_never_carries_the_request_the_signal_interrupted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A signal handler runs in whatever context the main thread was in: often a request's. The
+    # line it schedules must not log that request's id (seen as a second line for one request).
+    from gateway import lifecycle
+    from gateway.core.context import RequestContext, current
+
+    seen: list[RequestContext | None] = []
+
+    class Recorder:
+        def info(self, event: str, **_: object) -> None:
+            seen.append(current.get())
+
+    class Running:
+        loaded = None
+        server = type("S", (), {"drain_s": 1.0})()
+        draining = False
+
+        async def reload_logged(self) -> None:
+            pass
+
+    monkeypatch.setattr(lifecycle, "_log", Recorder())
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    try:
+        stop = lifecycle.on_sigterm(Running())  # type: ignore[arg-type]
+        token = current.set(RequestContext("req-interrupted", 0.0, {}))
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            current.reset(token)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [None]
+
+
 PATHS = [
     "/healthz",
     "/readyz",
