@@ -100,7 +100,7 @@ async def start(
         cache = open_cache(cache_settings(config.cache))
     cache.on_event = _cache_observer(metrics, stats)
     sources = {name: g.call for name, g in guards.items()}
-    stats.sync(config)
+    stats.sync(source_plans)
     count, record = metrics.calls, stats.calls
 
     def observe(plan: EndpointPlan, composite: Composite) -> None:

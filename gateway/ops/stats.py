@@ -14,14 +14,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.config.kinds import SourceConfig
-from gateway.config.schema import GatewayConfig
 from gateway.core.types import ANSWERED, ASKED, OUTCOMES, Outcome
 from upstreams.breaker import Window
 
 if TYPE_CHECKING:
     from gateway.core.executor import Composite
-    from gateway.core.plan import EndpointPlan
+    from gateway.core.plan import EndpointPlan, SourcePlan
 
 Clock = Callable[[], float]
 
@@ -188,19 +186,20 @@ class Stats:
         self.window_s = window_s
         self.sources: dict[str, SourceStats] = {}
         self.cache = CacheStats(window_s, clock)
-        self._configs: Mapping[str, SourceConfig] = {}
+        self._plans: Mapping[str, SourcePlan] = {}
         self._clock = clock
 
-    def sync(self, config: GatewayConfig) -> None:
-        """Follow a (re)loaded config: a new or changed source starts a fresh window."""
+    def sync(self, plans: Mapping[str, SourcePlan]) -> None:
+        """Follow a (re)loaded config's compiled sources: a new or changed one starts a fresh
+        window."""
         fresh = {}
-        for name, cfg in config.sources.items():
+        for name, plan in plans.items():
             old = self.sources.get(name)
-            if old is not None and self._configs.get(name) == cfg:
+            if old is not None and self._plans.get(name) == plan:
                 fresh[name] = old
             else:
-                fresh[name] = SourceStats(cfg.timeout_ms, self.window_s, clock=self._clock)
-        self.sources, self._configs = fresh, dict(config.sources)
+                fresh[name] = SourceStats(plan.timeout_ms, self.window_s, clock=self._clock)
+        self.sources, self._plans = fresh, dict(plans)
 
     def record(self, source: str, outcome: Outcome, ms: float) -> None:
         """Count one call of `source` (calls of a source that was just removed are dropped)."""
