@@ -54,7 +54,7 @@ def serve(
             workers=workers,
             loop="uvloop",
             # httptools, one write per response; `server:`'s limits, keep-alive and drain time
-            **uvicorn_options(server),
+            **uvicorn_options(server.limits()),
             log_level=log_level,
             access_log=False,
             lifespan="on",

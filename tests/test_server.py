@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.config.schema import ServerConfig
+from gateway.edge.limits import ConnectionLimits
 from gateway.edge.server import (
     UVICORN_PRIVATE,
     HeadWithBody,
@@ -70,7 +70,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @asynccontextmanager
-async def server(limits: ServerConfig | None = None) -> AsyncIterator[int]:
+async def server(limits: ConnectionLimits | None = None) -> AsyncIterator[int]:
     port = free_port()
     protocol: Any = RecordedProtocol
     if limits is not None:
@@ -109,7 +109,7 @@ def test_gateway_serve_uses_the_one_write_protocol() -> None:
     # If uvicorn ever drops the hook, this says so instead of silently writing twice.
     assert http_protocol() is OneWriteHttpToolsProtocol
     assert callable(getattr(HttpToolsProtocol, "_start_asgi_task", None))
-    limited = http_protocol(ServerConfig(max_connections=5))
+    limited = http_protocol(ConnectionLimits(max_connections=5))
     assert isinstance(limited, functools.partial) and limited.func is OneWriteHttpToolsProtocol
 
 
@@ -249,7 +249,7 @@ async def read_until_closed(reader: asyncio.StreamReader, within_s: float) -> tu
     return got, time.monotonic() - started
 
 
-SMALL = ServerConfig(max_header_bytes=4096, header_timeout_s=0.3, body_timeout_s=0.3)
+SMALL = ConnectionLimits(max_header_bytes=4096, header_timeout_s=0.3, body_timeout_s=0.3)
 
 
 async def test_a_head_over_the_limit_is_refused_431_before_the_app_sees_it() -> None:
@@ -313,7 +313,7 @@ async def test_the_timeout_is_per_head_not_per_response_nor_per_connection() -> 
 
 
 async def test_connections_beyond_the_cap_get_503_at_once_and_the_cap_frees_on_close() -> None:
-    async with server(ServerConfig(max_connections=2)) as port:
+    async with server(ConnectionLimits(max_connections=2)) as port:
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
         await asyncio.sleep(0.1)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -12,6 +12,8 @@ from pydantic import Field, field_validator, model_validator
 from gateway.config.kinds import SourceConfig
 from gateway.config.sources import Millis, Model
 from gateway.core import templates
+from gateway.edge.limits import DEFAULT_LIMITS as _LIMITS
+from gateway.edge.limits import ConnectionLimits
 
 Seconds = Annotated[int, Field(ge=0, le=30 * 86400)]
 
@@ -149,12 +151,16 @@ class CacheConfig(Model):
 class ServerConfig(Model):
     """How `gateway serve` treats client connections, per process: read when it starts."""
 
-    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
-    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
-    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
-    body_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
-    keepalive_s: Annotated[float, Field(gt=0, le=300)] = 5.0
-    drain_s: Annotated[float, Field(ge=0, le=600)] = 10.0
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = _LIMITS.max_connections
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = _LIMITS.max_header_bytes
+    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.header_timeout_s
+    body_timeout_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.body_timeout_s
+    keepalive_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.keepalive_s
+    drain_s: Annotated[float, Field(ge=0, le=600)] = _LIMITS.drain_s
+
+    def limits(self) -> ConnectionLimits:
+        """Return these settings as the edge server takes them."""
+        return ConnectionLimits(**self.model_dump())
 
 
 class GatewayConfig(Model):

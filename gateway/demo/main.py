@@ -80,7 +80,7 @@ async def serve_demo(
                 log_level="warning",
                 access_log=False,
                 lifespan="on",
-                **uvicorn_options(loaded.config.server),
+                **uvicorn_options(loaded.config.server.limits()),
             )
         )
         base = f"http://{host}:{port}"

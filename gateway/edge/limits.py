@@ -9,6 +9,8 @@ more than a small JSON body.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -85,3 +87,18 @@ async def _refuse(send: Send, status: int, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one client connection may cost, per process (`server:` in gateway.yaml)."""
+
+    max_connections: int = 1024
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    keepalive_s: float = 5.0
+    drain_s: float = 10.0
+
+
+DEFAULT_LIMITS = ConnectionLimits()

@@ -24,7 +24,7 @@ from typing import Any, cast
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.config.schema import ServerConfig
+from gateway.edge.limits import DEFAULT_LIMITS, ConnectionLimits
 
 _STATUS_LINE = b"HTTP/1.1 "
 _CONTINUE = b"HTTP/1.1 100 "
@@ -49,7 +49,6 @@ HEAD_TOO_LARGE = _refusal(431, b"Request Header Fields Too Large", "request head
 TOO_SLOW = _refusal(408, b"Request Timeout", "request not received in time")
 TOO_MANY = _refusal(503, b"Service Unavailable", "too many connections")
 
-DEFAULT_LIMITS = ServerConfig()
 
 UVICORN_PRIVATE: dict[str, tuple[str, ...]] = {
     "HttpToolsProtocol": (
@@ -118,7 +117,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         server_state: Any,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
-        limits: ServerConfig = DEFAULT_LIMITS,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits
@@ -238,7 +237,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._timer = self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def http_protocol(limits: ServerConfig = DEFAULT_LIMITS) -> type[asyncio.Protocol]:
+def http_protocol(limits: ConnectionLimits = DEFAULT_LIMITS) -> type[asyncio.Protocol]:
     """Return the protocol for uvicorn's `http=`: `OneWriteHttpToolsProtocol` held to `limits`
     (tests/test_server.py fails loudly if uvicorn loses the hook its one write needs)."""
     if limits == DEFAULT_LIMITS:
@@ -247,7 +246,7 @@ def http_protocol(limits: ServerConfig = DEFAULT_LIMITS) -> type[asyncio.Protoco
     return cast(type[asyncio.Protocol], functools.partial(OneWriteHttpToolsProtocol, limits=limits))
 
 
-def uvicorn_options(server: ServerConfig) -> dict[str, Any]:
+def uvicorn_options(server: ConnectionLimits) -> dict[str, Any]:
     """Return the uvicorn settings `server:` decides: the protocol, keep-alive and drain time."""
     return {
         "http": http_protocol(server),
