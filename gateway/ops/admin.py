@@ -11,7 +11,7 @@ import hmac
 import os
 import time
 from importlib import resources
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import structlog
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -26,12 +26,23 @@ from gateway.ops.diagnostics import LoopLag, memory_report, process_report
 from gateway.ops.metrics import live_samples
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.config.loader import LoadedConfig
     from gateway.runtime import Runtime
 
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 
 _log = structlog.get_logger("gateway.admin")
+
+
+class Administered(Protocol):
+    """The running gateway, as the admin routes see it (`gateway.app.Gateway`)."""
+
+    loaded: LoadedConfig
+    lag: LoopLag
+
+    def current(self) -> Runtime: ...
+
+    async def reload(self, path: str | None = None) -> Runtime: ...
 
 
 class PurgeRequest(BaseModel):
@@ -100,7 +111,7 @@ def authorizer(token: str) -> Any:
     return authorize
 
 
-def router(gw: Gateway, token: str) -> APIRouter:
+def router(gw: Administered, token: str) -> APIRouter:
     """Return the admin routes for `gw`, each behind the token."""
     api = APIRouter(
         prefix="/admin",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,8 +33,8 @@ from gateway.ops.log import RequestInfo
 
 if TYPE_CHECKING:
     from gateway.core.executor import Composite
-    from gateway.core.plan import EndpointPlan
-    from gateway.runtime import Runtime
+    from gateway.core.plan import EndpointPlan, Guarded
+    from gateway.core.types import Upstream
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -48,6 +48,17 @@ BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 LiveSample = tuple[str, str, float]
 """(metric name, source, value) read from a running source."""
+
+
+class Live(Protocol):
+    """The running sources, as the live samples read them (`gateway.runtime.Runtime`)."""
+
+    @property
+    def upstreams(self) -> Mapping[str, Upstream]: ...
+
+    @property
+    def guards(self) -> Mapping[str, Guarded]: ...
+
 
 _LIVE_HELP = {
     "gateway_pool_size": "Connections open in a source's pool.",
@@ -65,7 +76,7 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     """The gateway's metrics in their own registry, with one method per thing that happened."""
 
-    def __init__(self, current: Callable[[], Runtime | None] | None = None) -> None:
+    def __init__(self, current: Callable[[], Live | None] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -199,7 +210,7 @@ class Metrics:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
 
-    def sample(self, runtime: Runtime) -> None:
+    def sample(self, runtime: Live) -> None:
         """Write this worker's pool usage and breaker states for multiprocess scrapes."""
         for name, source, value in live_samples(runtime):
             gauge = self._live.get(name)
@@ -217,7 +228,7 @@ class Metrics:
             gauge.labels(source).set(value)
 
 
-def live_samples(runtime: Runtime) -> Iterator[LiveSample]:
+def live_samples(runtime: Live) -> Iterator[LiveSample]:
     """Yield pool size, in-use and max per source, and the state of each breaker."""
     for name, upstream in runtime.upstreams.items():
         stats = upstream.pool_stats()
@@ -234,7 +245,7 @@ def live_samples(runtime: Runtime) -> Iterator[LiveSample]:
 class LiveCollector(Collector):
     """Reads pool usage and breaker states from the running sources at scrape time."""
 
-    def __init__(self, current: Callable[[], Runtime | None]) -> None:
+    def __init__(self, current: Callable[[], Live | None]) -> None:
         self.current = current
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

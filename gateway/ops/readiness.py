@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -21,7 +21,8 @@ from cache.store import CacheUnavailable
 from gateway.core.errors import CircuitOpen, SourceError, SourceTimeout, SourceUnavailable
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from cache.composite import CompositeCache
+    from gateway.core.types import Upstream
 
 PING_EVERY_S = 1.0
 """The shortest time between two pings of one source."""
@@ -33,6 +34,24 @@ PING_LIMIT_S = 5.0
 """The longest one ping may run (adapters bound theirs too; this is the backstop)."""
 
 _log = structlog.get_logger("gateway.readiness")
+
+
+class Pinged(Protocol):
+    """What readiness pings of a runtime (`gateway.runtime.Runtime`): its sources and cache."""
+
+    @property
+    def upstreams(self) -> Mapping[str, Upstream]: ...
+
+    @property
+    def cache(self) -> CompositeCache: ...
+
+
+class Serving(Protocol):
+    """The running gateway, as readiness sees it (`gateway.app.Gateway`)."""
+
+    draining: bool
+
+    def current(self) -> Pinged: ...
 
 
 @dataclass(slots=True)
@@ -80,7 +99,7 @@ class Readiness:
         self.clock = clock
         self._known: dict[tuple[str, str], _Known] = {}
 
-    async def answer(self, gw: Gateway) -> tuple[int, dict[str, Any]]:
+    async def answer(self, gw: Serving) -> tuple[int, dict[str, Any]]:
         """Return the status code and body of `/readyz` for `gw` now."""
         if gw.draining:
             return 503, {"status": "draining"}
