@@ -126,6 +126,18 @@ def test_upstreams_and_cache_never_see_the_config_layer() -> None:
     assert {name: found for name, found in leaks.items() if found} == {}
 
 
+def test_upstreams_see_only_the_core_of_gateway_and_cache_nothing_of_it() -> None:
+    def leaks(package: str, allowed: tuple[str, ...]) -> dict[str, list[str]]:
+        found = {
+            name: [t for t in targets if under(t, "gateway") and not under(t, *allowed)]
+            for name, targets in imports_of(package).items()
+        }
+        return {name: targets for name, targets in found.items() if targets}
+
+    assert leaks("upstreams", ("gateway.core",)) == {}
+    assert leaks("cache", ()) == {}
+
+
 def test_the_core_imports_nothing_above_it() -> None:
     above = ("gateway.edge", "gateway.ops", "gateway.demo")
     leaks = {n: [t for t in ts if under(t, *above)] for n, ts in imports_of("gateway.core").items()}
