@@ -1,6 +1,10 @@
 """Prometheus metrics: what requests, calls, retries, the cache and breakers did, and pool usage.
 
-Counters and histograms are updated as things happen. Pool usage and breaker states are read
+Counters and histograms are updated as things happen. A fan-out's calls are counted in plain
+per-(source, call) tallies, without prometheus_client's per-update locks (the event loop is one
+thread), and exposed by a collector at scrape time in prometheus_client's exact series; in
+multiprocess mode they go through prometheus_client's metrics, whose files every worker's scrape
+reads. Pool usage and breaker states are read
 from the running sources: at scrape time in one process, and by a once-a-second sampler per
 worker in multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` set, as `gateway serve --workers N`
 does), where a scrape reaches one worker but must report them all.
@@ -9,6 +13,7 @@ does), where a scrape reaches one worker but must report them all.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,18 +33,31 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
-from gateway.core.types import ASKED, OUTCOMES
+from gateway.core.types import ASKED
 from gateway.ops.log import RequestInfo
+from gateway.ops.tallies import (
+    CALL_BOUNDS,
+    CALL_BUCKETS,
+    CALL_OUTCOMES_HELP,
+    CALL_SECONDS_HELP,
+    FALLBACKS_HELP,
+    CallCollector,
+    CallTally,
+    Counted,
+    Seen,
+)
 
 if TYPE_CHECKING:
     from gateway.core.executor import Composite
-    from gateway.core.plan import EndpointPlan, Guarded
+    from gateway.core.plan import CallPlan, EndpointPlan, Guarded
     from gateway.core.types import Upstream
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REQUEST_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
-CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+MAX_FANOUTS = 4096
+"""Plans whose calls `Metrics` keeps resolved to their tallies, across reloads."""
 
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -89,25 +107,28 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
-        self.call_seconds = Histogram(
-            "gateway_call_duration_seconds",
-            "Time of calls that reached their source (ok, not_found, error, timeout).",
-            ["source", "call"],
-            buckets=CALL_BUCKETS,
-            registry=r,
-        )
-        self.call_outcomes = Counter(
-            "gateway_call_outcomes",
-            "Calls by outcome: " + ", ".join(OUTCOMES) + ".",
-            ["source", "call", "outcome"],
-            registry=r,
-        )
-        self.fallbacks = Counter(
-            "gateway_call_fallbacks",
-            "Failed optional calls answered by their fallback (or left out: fallback omit).",
-            ["source", "call"],
-            registry=r,
-        )
+        if multiprocess_dir() is None:
+            self._tallies: dict[tuple[str, str], CallTally] = {}
+            self._fanouts: dict[int, tuple[EndpointPlan, tuple[Counted, ...]]] = {}
+            self._seen = Seen()
+            r.register(CallCollector(self._seen))
+        else:
+            self.call_seconds = Histogram(
+                "gateway_call_duration_seconds",
+                CALL_SECONDS_HELP,
+                ["source", "call"],
+                buckets=CALL_BUCKETS,
+                registry=r,
+            )
+            self.call_outcomes = Counter(
+                "gateway_call_outcomes",
+                CALL_OUTCOMES_HELP,
+                ["source", "call", "outcome"],
+                registry=r,
+            )
+            self.fallbacks = Counter(
+                "gateway_call_fallbacks", FALLBACKS_HELP, ["source", "call"], registry=r
+            )
         self.retries = Counter(
             "gateway_retries", "Retries sent to a source.", ["source"], registry=r
         )
@@ -139,6 +160,10 @@ class Metrics:
             registry=r,
         )
         self.loop_lag = self.loop_lag_seconds.observe
+        self.calls: Callable[[EndpointPlan, Composite], None] = (
+            self._count_calls if multiprocess_dir() is None else self._count_locked
+        )
+        """Count every call of one fan-out: outcome, latency, and fallback taken."""
         self._calls: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._routes: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._cache_events: dict[str, Any] = {}
@@ -159,8 +184,45 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def calls(self, plan: EndpointPlan, composite: Composite) -> None:
-        """Count every call of one fan-out: outcome, latency, and fallback taken."""
+    def _count_calls(self, plan: EndpointPlan, composite: Composite) -> None:
+        """Count every call of one fan-out in the plain tallies (single-process mode)."""
+        fanout = self._fanouts.get(id(plan))
+        if fanout is None or fanout[0] is not plan:
+            if len(self._fanouts) >= MAX_FANOUTS:
+                # Each reload brings new plans and the old ones stay here (a slotted plan takes
+                # no weak reference): start over rather than grow.
+                self._fanouts.clear()
+            fanout = self._fanouts[id(plan)] = (plan, self._counted(plan.calls))
+        results = composite.results
+        for name, tally, optional in fanout[1]:
+            r = results.get(name)
+            if r is None:
+                continue
+            outcome = r.outcome
+            counts = tally.outcomes
+            n = counts.get(outcome)
+            if n is None:
+                n = tally.first(outcome)
+            counts[outcome] = n + 1
+            if outcome in ASKED:
+                seconds = r.ms / 1000
+                tally.buckets[bisect.bisect_left(CALL_BOUNDS, seconds)] += 1
+                tally.sum += seconds
+            if optional and outcome != "ok":
+                tally.fallbacks += 1
+
+    def _counted(self, calls: tuple[CallPlan, ...]) -> tuple[Counted, ...]:
+        counted = []
+        for cp in calls:
+            key = (cp.source, cp.name)
+            tally = self._tallies.get(key)
+            if tally is None:
+                tally = self._tallies[key] = CallTally(cp.source, cp.name, self._seen)
+            counted.append((cp.name, tally, not cp.required))
+        return tuple(counted)
+
+    def _count_locked(self, plan: EndpointPlan, composite: Composite) -> None:
+        """Count every call of one fan-out in prometheus_client's metrics (multiprocess mode)."""
         results = composite.results
         for cp in plan.calls:
             r = results.get(cp.name)
