@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.ops.stats import CacheStats, SourceStats
+from types import SimpleNamespace
+
+from gateway.ops.stats import CacheStats, SourceStats, Stats
 
 
 class Clock:
@@ -77,3 +79,27 @@ def test_cache_hit_ratio_counts_stale_answers_as_hits() -> None:
     for event in ("hit", "stale", "miss", "bypass", "singleflight_wait", "refresh"):
         cache(event)
     assert cache.snapshot() == {"lookups": 4, "hits": 2, "hit_ratio": 0.5}
+
+
+def test_a_latency_on_a_bin_edge_reports_that_edge_and_beyond_the_last_the_last() -> None:
+    on_edge = SourceStats(timeout_ms=500, clock=Clock())
+    on_edge.record("ok", 0.05 * 1.05**10)
+    assert on_edge.snapshot()["p50_ms"] == round(0.05 * 1.05**10, 2)
+    beyond = SourceStats(timeout_ms=500, clock=Clock())
+    beyond.record("ok", 1e12)
+    assert beyond.snapshot()["p50_ms"] == round(0.05 * 1.05**399, 2)
+
+
+def test_a_fan_out_counts_each_call_under_its_source_and_drops_removed_sources() -> None:
+    stats = Stats(clock=Clock())
+    stats.sources = {"a": SourceStats(timeout_ms=100, clock=Clock())}
+    plan = SimpleNamespace(
+        calls=(SimpleNamespace(name="x", source="a"), SimpleNamespace(name="y", source="gone"))
+    )
+    results = {
+        "x": SimpleNamespace(outcome="ok", ms=3.0),
+        "y": SimpleNamespace(outcome="ok", ms=1.0),
+    }
+    stats.calls(plan, SimpleNamespace(results=results))
+    snap = stats.sources["a"].snapshot()
+    assert snap["count"] == 1 and snap["outcomes"]["ok"] == 1
