@@ -70,11 +70,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @asynccontextmanager
-async def server(limits: ConnectionLimits | None = None) -> AsyncIterator[int]:
+async def server(
+    limits: ConnectionLimits | None = None, protocol: Any = None
+) -> AsyncIterator[int]:
     port = free_port()
-    protocol: Any = RecordedProtocol
+    protocol = protocol or RecordedProtocol
     if limits is not None:
-        protocol = functools.partial(RecordedProtocol, limits=limits)
+        protocol = functools.partial(protocol, limits=limits)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", http=protocol)
     srv = uvicorn.Server(config)
     srv.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
@@ -142,19 +144,8 @@ async def test_every_private_name_of_uvicorn_the_protocol_uses_still_exists() ->
         "_loop",
     ]
     Inspecting.missing.clear()
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", http=Inspecting)
-    srv = uvicorn.Server(config)
-    srv.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(srv.serve())
-    while not srv.started:
-        assert not task.done()
-        await asyncio.sleep(0.01)
-    try:
+    async with server(protocol=Inspecting) as port:
         got = await exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-    finally:
-        srv.should_exit = True
-        await asyncio.wait_for(task, 10)
     assert got.endswith(b"hello")
     assert Inspecting.missing == []
     assert "_start_asgi_task" in vars(HttpToolsProtocol)  # overridden, so it must be uvicorn's
