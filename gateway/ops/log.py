@@ -170,8 +170,6 @@ def add_request_id(
     return event
 
 
-RequestInfo = RequestContext
-"""The access log's name for the request context (what the request metrics observe)."""
 _REQUEST_ID = b"x-request-id"
 
 
@@ -195,7 +193,7 @@ _ID_PREFIX = os.urandom(6).hex() + "-"
 _ids = itertools.count(1)
 
 
-Observer = Callable[[Scope, RequestInfo, int, float], None]
+Observer = Callable[[Scope, RequestContext, int, float], None]
 """Called once per finished request with its scope, info, status and duration in seconds."""
 
 

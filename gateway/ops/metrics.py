@@ -33,8 +33,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
 
+from gateway.core.context import RequestContext
 from gateway.core.types import ASKED
-from gateway.ops.log import RequestInfo
 from gateway.ops.tallies import (
     CALL_BOUNDS,
     CALL_BUCKETS,
@@ -345,10 +345,10 @@ def endpoint(metrics: Metrics) -> Callable[..., Any]:
     return handle
 
 
-def request_observer(metrics: Metrics) -> Callable[[Scope, RequestInfo, int, float], None]:
+def request_observer(metrics: Metrics) -> Callable[[Scope, RequestContext, int, float], None]:
     """Return the access log's observer that counts every HTTP request by template and status."""
 
-    def observe(scope: Scope, info: RequestInfo, status: int, seconds: float) -> None:
+    def observe(scope: Scope, info: RequestContext, status: int, seconds: float) -> None:
         # A template, never the raw path, is the label, so label values stay few whatever
         # clients ask for: the endpoint's plan id (as in the access log), else the route
         # the router matched and wrote into this same scope.
