@@ -262,3 +262,15 @@ async def test_a_required_value_too_deep_to_encode_fails_the_answer() -> None:
         "call": "product",
         "outcome": "error",
     }
+
+
+async def test_select_on_an_upstreams_deeply_nested_lists_is_no_recursion_error() -> None:
+    # orjson decodes arrays 1024 deep; `select` keeps fields of the result or of each item of a
+    # list (one level), so a hostile upstream's nesting can never exhaust the stack: a 500.
+    deep = orjson.loads(b"[" * 1000 + b"]" * 1000)
+    items = [{"available": 3, "secret": 1}, 7]
+    composite = await execute(plan(), healthy(stock=ok(deep)), {"id": 42})
+    assert composite.results["stock"].outcome == "ok"
+    assert composite.results["stock"].value == deep
+    composite = await execute(plan(), healthy(stock=ok(items)), {"id": 42})
+    assert composite.results["stock"].value == [{"available": 3}, 7]

@@ -151,8 +151,10 @@ async def _run_call(
 
 
 def _select(value: Any, fields: tuple[str, ...]) -> Any:
+    """Keep `fields` of an object, or of each object in a list: one level, never recursing into
+    what an upstream nested (orjson decodes 1024 levels; the stack would not hold them)."""
     if isinstance(value, dict):
         return {f: value[f] for f in fields if f in value}
     if isinstance(value, list):
-        return [_select(v, fields) for v in value]
+        return [{f: v[f] for f in fields if f in v} if isinstance(v, dict) else v for v in value]
     return value
