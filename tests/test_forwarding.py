@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import redis
 
 from gateway.config import loader as config
 from gateway.core.errors import ConfigError
@@ -112,3 +113,25 @@ async def test_an_answer_that_varies_by_authorization_is_private(
                 assert doc["thing"]["headers"]["Authorization"] == f"Bearer {expected}"
                 assert resp.headers["Cache-Control"].startswith("private, max-age=")
     assert len(upstream.seen) == 2  # user a's second request was a hit on a's own entry
+
+
+async def test_a_varied_header_value_never_appears_in_a_redis_key(
+    upstream: UpstreamServer, http: aiohttp.ClientSession, redis_url: str, redis_prefix: str
+) -> None:
+    # Key names are seen by SCAN, MONITOR, the slowlog and purges by key: a bearer token or a
+    # session cookie that varies the cache key is part of it only as a digest.
+    token = "Bearer s3cr3t-user-token-77f1"
+    yaml = text(base=upstream.url, vary="Authorization", forward="Authorization").replace(
+        'cache: {url: "memory://"}', f'cache: {{url: "{redis_url}", key_prefix: "{redis_prefix}"}}'
+    )
+    async with serving_config(config.loads(yaml, "gw.yaml", {})) as url:
+        for state in ("MISS", "HIT"):
+            async with http.get(f"{url}/things/1", headers={"Authorization": token}) as resp:
+                assert resp.status == 200 and resp.headers["X-Cache"] == state
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = [k.decode() for k in client.scan_iter(match=f"*{redis_prefix}*", count=1000)]
+    finally:
+        client.close()
+    assert keys  # the entry was stored under the test's prefix
+    assert not [k for k in keys if "s3cr3t" in k or "user-token" in k]
