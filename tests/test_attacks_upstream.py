@@ -237,3 +237,30 @@ async def test_server_errors_still_open_the_breaker(
             outcomes.append(exc.outcome)
     assert g.breaker is not None and g.breaker.state == "open"
     assert outcomes[-1] == "circuit_open"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_compressed_input_that_inflates_to_nothing_is_bounded_too(coding: str) -> None:
+    # Empty gzip members (or empty deflate blocks) decode to nothing: counting decoded bytes
+    # alone would read such a body until the call's timeout. The raw bytes are bounded as well.
+    from upstreams.decode import read_body
+
+    if coding == "gzip":
+        head, unit = b"", gzip.compress(b"")
+    else:
+        z = zlib.compressobj(wbits=zlib.MAX_WBITS)
+        head = z.compress(b"") + z.flush(zlib.Z_FULL_FLUSH)  # the zlib header, once
+        unit = b"\x00\x00\x00\xff\xff"  # an empty, non-final stored block, as often as one likes
+    sent = 0
+
+    async def chunks() -> Any:
+        nonlocal sent
+        block = unit * (65536 // len(unit))
+        for i in range(400):  # ~26 MB, bounded
+            data = head + block if i == 0 else block
+            sent += len(data)
+            yield data
+
+    with pytest.raises(BadPayload, match="max_bytes"):
+        await read_body("up", chunks(), 1000, coding)
+    assert sent < 1024 * 1024

@@ -33,9 +33,17 @@ async def read_body(
     decoder = _decoder(source, encoding)
     parts: list[bytes] = []
     size = 0
+    # Compressed input is bounded too: empty gzip members or deflate blocks decode to nothing,
+    # and would be read until the call's timeout. Incompressible data grows a little when
+    # compressed, hence the slack.
+    raw_limit = max_bytes + max_bytes // 8 + 64 * 1024
+    raw = 0
     async for chunk in chunks:
         if not chunk:
             continue
+        raw += len(chunk)
+        if decoder is not None and raw > raw_limit:
+            raise BadPayload(f"{source}: compressed body is over max_bytes ({max_bytes})")
         while True:
             piece = chunk if decoder is None else decoder.decompress(chunk, SLICE_BYTES)
             size += len(piece)
