@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 import zlib
@@ -18,6 +19,7 @@ A stored entry is only data from Redis: one that inflates past this is refused a
 so a hostile 300 KB value that would become 300 MB costs no more than this."""
 
 # magic, version, flags, status, written_at, etag length; then the etag, then the body.
+_ETAG = re.compile(r'"[0-9a-f]{32}"')
 _HEADER = struct.Struct(">2sBBHdB")
 _MAGIC = b"GW"
 _VERSION = 1
@@ -83,6 +85,9 @@ def decode(data: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> Entry:
     if len(data) < start:
         raise CorruptEntry("truncated ETag")
     etag = data[_HEADER.size : start].decode("ascii", "replace")
+    # Both go out as they are (status line, ETag header): only what `make_entry` writes passes.
+    if not 100 <= status <= 599 or not _ETAG.fullmatch(etag):
+        raise CorruptEntry("not a status and ETag this gateway writes")
     # Stored bodies are only compressed when that shrinks them: no honest one is longer packed.
     if len(data) - start > max_body_bytes:
         raise CorruptEntry(f"body over {max_body_bytes} bytes")

@@ -156,3 +156,20 @@ def test_composite_key_encodes_each_value_exactly_as_percent_encoding_would(valu
     text = repr(value) if isinstance(value, float) else str(value)
     expected = "p:/e:d:id=" + quote(text, safe="")
     assert composite_key("p:", "/e", "d", [("id", value)]) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "etag"),
+    [
+        (200, '"x"\r\nSet-Cookie: a=b'),  # a header of the attacker's, on every hit
+        (200, "not-quoted-hex"),
+        (0, etag_of(b"{}")),  # not an HTTP status
+        (999, etag_of(b"{}")),
+    ],
+)
+def test_decode_refuses_a_header_the_gateway_never_writes(status: int, etag: str) -> None:
+    # What Redis holds is data from outside the process: its status and ETag go out as a
+    # response's status line and header, so only what `make_entry` could have written passes.
+    hostile = Entry(status, b"{}", True, 1_700_000_000.0, etag)
+    with pytest.raises(CorruptEntry):
+        decode(encode(hostile))
