@@ -70,7 +70,7 @@ async def measure(requests: int, concurrency: int, cached: bool) -> float:
         sources = {n: g.call for n, g in guards.items()}
         for runner in rt.runners.values():
             runner.sources = sources  # each endpoint's runner calls the instant sources
-        gw._runtime = dataclasses.replace(rt, upstreams=upstreams, guards=guards, sources=sources)
+        gw._runtime = dataclasses.replace(rt, upstreams=upstreams, guards=guards)
 
         async def receive() -> dict[str, Any]:
             await asyncio.sleep(3600)

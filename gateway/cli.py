@@ -14,11 +14,8 @@ from gateway.core.errors import ConfigError
 
 def check(path: str) -> int:
     """Validate a config file; print a one-line summary (0) or one line per problem (1)."""
-    try:
-        loaded = config.load(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    loaded = load_or_report(path)
+    if loaded is None:
         return 1
     cfg = loaded.config
     calls = sum(len(e.calls) for e in cfg.endpoints)
@@ -34,9 +31,10 @@ def serve(
 
     from gateway.edge.server import uvicorn_options
 
-    if check_quietly(path) != 0 or not admin_token_ok():
+    loaded = load_or_report(path)
+    if loaded is None or not admin_token_ok():
         return 1
-    server = config.load(path).config.server  # valid: checked just above
+    server = loaded.config.server
     os.environ["GATEWAY_CONFIG"] = path
     os.environ["GATEWAY_WATCH"] = "1" if watch else "0"
     metrics_dir = None
@@ -65,15 +63,14 @@ def serve(
     return 0
 
 
-def check_quietly(path: str) -> int:
-    """Return 0 when the config is valid; otherwise print its problems and return 1."""
+def load_or_report(path: str) -> config.LoadedConfig | None:
+    """Return the loaded config, or None after printing its problems, one per line."""
     try:
-        config.load(path)
+        return config.load(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        return 1
-    return 0
+        return None
 
 
 def admin_token_ok() -> bool:

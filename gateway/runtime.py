@@ -22,9 +22,8 @@ from gateway.core.plan import (
     guard,
     open_upstream,
 )
-from gateway.core.plan import cache_policy as cache_policy  # where tests and tools have found it
 from gateway.core.runner import Runner, runners
-from gateway.core.types import Call, Source, Upstream
+from gateway.core.types import Call, Upstream
 from gateway.ops.metrics import Metrics
 from gateway.ops.stats import Stats
 
@@ -39,17 +38,12 @@ class Runtime:
     plans: Mapping[str, EndpointPlan]
     upstreams: Mapping[str, Upstream]
     guards: Mapping[str, Guarded]
-    sources: Mapping[str, Source]
     cache: CompositeCache
     metrics: Metrics
     stats: Stats
     source_plans: Mapping[str, SourcePlan]
     runners: Mapping[str, Runner]
     """One compiled runner per endpoint id: what the edge calls for each request."""
-
-    @property
-    def cache_prefix(self) -> str:
-        return self.loaded.config.cache.key_prefix
 
 
 async def start(
@@ -112,7 +106,6 @@ async def start(
         by_id,
         {**kept, **opened},
         guards,
-        sources,
         cache,
         metrics,
         stats,

@@ -18,7 +18,7 @@ from cache.policy import CachePolicy
 from cache.redis import redis_store
 from cache.store import CacheUnavailable, Store
 from gateway.config.schema import EndpointCache
-from gateway.runtime import cache_policy
+from gateway.core.plan import cache_policy
 
 POLICY = CachePolicy(
     ttl_s=60,

@@ -94,7 +94,7 @@ class ConnectionLimits:
     """What one client connection may cost, per process (`server:` in gateway.yaml)."""
 
     max_connections: int = 1024
-    max_header_bytes: int = 64 * 1024
+    max_header_bytes: int = MAX_HEADER_BYTES
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
     keepalive_s: float = 5.0

@@ -204,12 +204,6 @@ class Stats:
                 fresh[name] = SourceStats(plan.timeout_ms, self.window_s, clock=self._clock)
         self.sources, self._plans = fresh, dict(plans)
 
-    def record(self, source: str, outcome: Outcome, ms: float) -> None:
-        """Count one call of `source` (calls of a source that was just removed are dropped)."""
-        stats = self.sources.get(source)
-        if stats is not None:
-            stats.record(outcome, ms)
-
     def calls(self, plan: EndpointPlan, composite: Composite) -> None:
         """Count every call of one fan-out under its source, all as of the fan-out's end."""
         results = composite.results
