@@ -107,7 +107,8 @@ async def test_error_rate_one_over_http_answers_503(sims: Simulators, http: aioh
 
 
 async def test_bad_control_bodies_are_rejected(sims: Simulators, http: aiohttp.ClientSession):
-    for body in ({"error_rate": 2}, {"delay": 5}, {"hang_rate": "x"}, [1]):
+    too_long = {"delay_ms": 30_000, "jitter_ms": 1}  # past MAX_WAIT_S: every wait is bounded
+    for body in ({"error_rate": 2}, {"delay": 5}, {"hang_rate": "x"}, [1], too_long):
         async with http.post(f"{sims.urls['recs']}/_control", json=body) as resp:
             assert resp.status == 400
     assert sims.behaviour("recs").error_rate == 0

@@ -322,6 +322,10 @@ class Behaviour:
             if key.endswith("_rate") and value > 1:
                 raise ValueError(f"{key} must be between 0 and 1")
             new[key] = float(value)
+        delay = new.get("delay_ms", self.delay_ms) + new.get("jitter_ms", self.jitter_ms)
+        if delay > MAX_WAIT_S * 1000:
+            # The module's promise: every scripted wait is bounded (a plain sleep serves it).
+            raise ValueError(f"delay_ms + jitter_ms must be at most {MAX_WAIT_S * 1000:.0f}")
         for key, value in new.items():
             setattr(self, key, value)
 
