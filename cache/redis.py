@@ -206,9 +206,11 @@ class RedisStore:
             for tag in tags:
                 pipe.delete(self._tag(tag))
             deleted = await pipe.execute()
-            # Every instance's near tier may hold what was just deleted.
+            # Every instance's near tier may hold what was just deleted. It evicts by tag itself
+            # (each entry it holds keeps its tags), so the message names what was asked, not
+            # every member of the tags' sets: its size is the request's, whatever a tag holds.
             await self._client.publish(
-                self._channel, orjson.dumps({"keys": sorted(doomed), "tags": list(tags)})
+                self._channel, orjson.dumps({"keys": list(keys), "tags": list(tags)})
             )
             return sum(deleted[: len(doomed)])
 
