@@ -22,7 +22,6 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from gateway.config import loader as config
-from gateway.config.kinds import HttpSourceConfig
 from gateway.core.errors import Unsendable
 from gateway.core.types import Call
 from gateway.demo.catalog import seed_sqlite
@@ -30,7 +29,7 @@ from gateway.demo.simulator import UpstreamServer, json_body, raw
 from gateway.ops.log import _request_id
 from tests.serving import serving_config
 from tests.support import scope
-from upstreams.http import http_source
+from upstreams.http import HttpSettings, http_source
 
 VALUES_YAML = """\
 version: 1
@@ -210,8 +209,7 @@ async def test_a_forwarded_header_the_httpx_client_cannot_encode_is_that_calls_e
 async def test_each_http_client_sends_a_non_ascii_header_or_fails_the_call_cleanly(
     upstream: UpstreamServer, kind: Literal["aiohttp", "httpx"]
 ) -> None:
-    cfg = HttpSourceConfig(kind="http", base_url=upstream.url, client=kind)
-    source = await http_source("up", cfg)
+    source = await http_source("up", HttpSettings(base_url=upstream.url, client=kind))
     deadline = asyncio.get_running_loop().time() + 5
     try:
         call = Call("up", "c", "/a/1", {}, 5.0, deadline, headers={"X-Lang": "français"})

@@ -286,9 +286,9 @@ async def test_propagation_header_names_come_from_the_config(
     server: UpstreamServer, client: Client
 ) -> None:
     server.route("/h", json_body({}))
-    cfg = HttpSettings(base_url=server.url, client=client)
     names = Propagation(request_id_header="X-Trace", deadline_header="X-Budget-Ms")
-    upstream = await http_source("test", cfg, names)
+    cfg = HttpSettings(base_url=server.url, client=client, propagation=names)
+    upstream = await http_source("test", cfg)
     try:
         await upstream.call(call("/h", request_id="req-9"))
     finally:

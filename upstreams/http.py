@@ -62,23 +62,20 @@ class HttpSettings:
     max_bytes: int = 1_048_576
     pool: HttpPoolSettings = HttpPoolSettings()
     propagation: Propagation = Propagation()
-    """The header names chosen in the config, for whoever opens the source to pass on."""
+    """The header names chosen in the config for the request id and the remaining budget."""
 
 
 PING_TIMEOUT_S = 1.0
-DEFAULT_PROPAGATION = Propagation()
 
 
-async def http_source(
-    name: str, cfg: HttpSettings, propagation: Propagation = DEFAULT_PROPAGATION
-) -> Upstream:
+async def http_source(name: str, cfg: HttpSettings) -> Upstream:
     """Start one HTTP source: its keep-alive pool and the functions to call, probe and close it.
 
-    Every call carries the request id and the remaining budget in `propagation`'s headers.
+    Every call carries the request id and the remaining budget in `cfg.propagation`'s headers.
     """
     if cfg.client == "httpx":
-        return _httpx_upstream(name, cfg, propagation)
-    return _aiohttp_upstream(name, cfg, propagation)
+        return _httpx_upstream(name, cfg, cfg.propagation)
+    return _aiohttp_upstream(name, cfg, cfg.propagation)
 
 
 @contextmanager

@@ -134,10 +134,6 @@ def _sql_settings(cfg: Any, propagation: Propagation) -> SqlSettings:
     return SqlSettings(dsn=cfg.dsn, pool=pool)
 
 
-def _open_http(name: str, settings: Any) -> Awaitable[Upstream]:
-    return http_source(name, settings, settings.propagation)
-
-
 def _http_shape(cfg: Any) -> Any:
     # The answer's shape depends on where data comes from, not on how patiently we wait for it.
     return {"kind": "http", "base_url": cfg.base_url}
@@ -217,7 +213,7 @@ _HTTP = Kind(
     "http://",
     HttpSourceConfig,
     _http_settings,
-    _open_http,
+    http_source,
     calls.http_render,
     calls.http_texts,
     calls.check_http_call,

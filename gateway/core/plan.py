@@ -26,7 +26,7 @@ from gateway.core import templates
 from gateway.core.types import Source, Upstream
 from upstreams import policies
 from upstreams.breaker import Breaker, BreakerSettings, OnChange
-from upstreams.http import DEFAULT_PROPAGATION, Propagation
+from upstreams.http import Propagation
 from upstreams.latency import Latency
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -122,7 +122,7 @@ def compile_source(
 ) -> SourcePlan:
     """Return the plan of one validated source: plain frozen values, no config model left."""
     kind = kind_of(cfg)
-    prop = DEFAULT_PROPAGATION
+    prop = Propagation()
     if propagation is not None:
         prop = Propagation(propagation.request_id_header, propagation.deadline_header)
     retry = cfg.retry
