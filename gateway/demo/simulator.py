@@ -9,9 +9,16 @@ tests script it with the handler factories below:
         server.route("/slow/", slow(5, json_body({})))
         ... server.url, server.seen[-1].path ...
 
-The simulated product services (pricing, inventory, reviews, recs) are handlers served by it, one
-server each. Their bodies are derived from the product id alone, so any two runs, processes or
-tests agree on them. A `Behaviour` (delay, jitter, error and hang rates) can be changed
+The simulated product services are handlers served by it, one server each, each with a single
+and a batch route (the batch answers a JSON array of the single bodies, each with "product_id"):
+
+    pricing    GET /prices/{id}                 GET /prices?ids=1,2,3
+    inventory  GET /stock/{id}                  GET /stock?ids=1,2,3
+    reviews    GET /products/{id}/reviews       GET /reviews?ids=1,2,3
+    recs       GET /recommendations/{id}        GET /recommendations?ids=1,2,3   (?category=...)
+
+Their bodies are derived from the product id alone, so any two runs, processes or tests agree on
+them. A `Behaviour` (delay, jitter, error and hang rates) can be changed
 in-process or over HTTP on the same port (`POST /_control`). Run all four with
 `python -m gateway.demo.simulator --port-base 9101`.
 
@@ -285,7 +292,12 @@ SERVICES = ("pricing", "inventory", "reviews", "recs")
 """The simulated services, in the order of `--port-base` ports."""
 
 MAX_ID = 1_000_000
-"""Ids 1..MAX_ID exist upstream; anything else is a 404."""
+"""Ids 1..MAX_ID exist upstream; anything else is a 404 (or absent from a batch answer)."""
+
+_ID_DIGITS = len(str(MAX_ID))
+
+MAX_BATCH = 1000
+"""The most ids one batch request may name; more is a 400."""
 
 HANG_S = MAX_WAIT_S
 """How long a hanging request sleeps: far beyond any deadline a gateway would set."""
@@ -419,6 +431,36 @@ def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type=_JSON)
 
 
+def _product_id(raw: str) -> int:
+    # ASCII digits only: str.isdigit() also takes "²" (int() rejects it) and "١٢" (int() reads 12).
+    if raw.isascii() and raw.isdigit() and len(raw) <= _ID_DIGITS:
+        product_id = int(raw)
+        if product_id <= MAX_ID:
+            return product_id
+    return 0
+
+
+async def _misbehave(service: Service) -> web.Response | None:
+    """Count one request and play the behaviour: return the 503 to send, or None after any delay."""
+    service.requests += 1
+    b = service.behaviour
+    # Draws happen only when a fault is configured, so the fault-free path stays cheap
+    # and the sequence of draws depends only on the requests that could fail.
+    if b.error_rate or b.hang_rate:
+        draw = service.rng.random()
+        if draw < b.hang_rate:
+            service.hangs += 1
+            await idle(HANG_S)
+            return _json(_UNAVAILABLE, 503)
+        if draw < b.hang_rate + b.error_rate:
+            service.errors += 1
+            return _json(_UNAVAILABLE, 503)
+    if b.delay_ms or b.jitter_ms:
+        spread = service.rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0.0
+        await asyncio.sleep(max(0.0, b.delay_ms + spread) / 1000)
+    return None
+
+
 def _served(service: Service, path: re.Pattern[str], body: Body) -> Handler:
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         if request.method != "GET":
@@ -426,27 +468,44 @@ def _served(service: Service, path: re.Pattern[str], body: Body) -> Handler:
         found = path.fullmatch(request.path)
         if found is None:
             return _json(_NOT_FOUND, 404)
-        service.requests += 1
-        b = service.behaviour
-        # Draws happen only when a fault is configured, so the fault-free path stays cheap
-        # and the sequence of draws depends only on the requests that could fail.
-        if b.error_rate or b.hang_rate:
-            draw = service.rng.random()
-            if draw < b.hang_rate:
-                service.hangs += 1
-                await idle(HANG_S)
-                return _json(_UNAVAILABLE, 503)
-            if draw < b.hang_rate + b.error_rate:
-                service.errors += 1
-                return _json(_UNAVAILABLE, 503)
-        if b.delay_ms or b.jitter_ms:
-            spread = service.rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0.0
-            await asyncio.sleep(max(0.0, b.delay_ms + spread) / 1000)
-        raw_id = found.group(1)
-        product_id = int(raw_id) if raw_id.isdigit() and len(raw_id) <= 7 else 0
-        if not 1 <= product_id <= MAX_ID:
+        failed = await _misbehave(service)
+        if failed is not None:
+            return failed
+        product_id = _product_id(found.group(1))
+        if not product_id:
             return _json(_NOT_FOUND, 404)
         return _json(body(request, product_id))
+
+    return handle
+
+
+def _with_id(body: bytes, product_id: int) -> bytes:
+    # Splice the id into the cached object's bytes as its first field: no decode, no encode.
+    head = b'{"product_id":%d' % product_id
+    return head + b"}" if body == b"{}" else head + b"," + body[1:]
+
+
+def _batched(service: Service, path: str, body: Body) -> Handler:
+    """Answer `path?ids=1,2,3` with one object per known id, in order, once each; a malformed
+    request (no `ids`, more than MAX_BATCH) is a 400 that neither counts nor plays the behaviour."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.method != "GET":
+            return _json(b'{"error": "method not allowed"}', 405)
+        if request.path != path:
+            return _json(_NOT_FOUND, 404)
+        ids = request.query.get("ids")
+        if ids is None:
+            return _json(b'{"error": "the ids query value is required"}', 400)
+        values = ids.split(",", MAX_BATCH)
+        if len(values) > MAX_BATCH:
+            return _json(b'{"error": "at most %d ids"}' % MAX_BATCH, 400)
+        failed = await _misbehave(service)
+        if failed is not None:
+            return failed
+        known = dict.fromkeys(_product_id(v) for v in values)  # ordered and deduplicated
+        known.pop(0, None)  # 0 stands for every unknown or malformed id
+        return _json(b"[" + b",".join(_with_id(body(request, i), i) for i in known) + b"]")
 
     return handle
 
@@ -485,22 +544,36 @@ def _control_routes(service: Service) -> dict[str, Handler]:
     }
 
 
-_ROUTES: dict[str, tuple[str, str, Body]] = {
-    "pricing": ("/prices/", r"/prices/([^/]+)", lambda r, i: price_body(i)),
-    "inventory": ("/stock/", r"/stock/([^/]+)", lambda r, i: stock_body(i)),
-    "reviews": ("/products/", r"/products/([^/]+)/reviews", lambda r, i: reviews_body(i)),
-    "recs": (
+@dataclass(frozen=True, slots=True)
+class _Routes:
+    prefix: str  # of the single route; the batch path is a different, shorter prefix
+    single: str  # the single route's path pattern, group 1 the id
+    batch: str  # the batch route's exact path
+    body: Body
+
+
+# The router picks the longest prefix of the raw target, so "/prices/42" goes to "/prices/"
+# and "/prices?ids=1" to "/prices" (whose handler also insists on the exact path).
+_ROUTES: dict[str, _Routes] = {
+    "pricing": _Routes("/prices/", r"/prices/([^/]+)", "/prices", lambda r, i: price_body(i)),
+    "inventory": _Routes("/stock/", r"/stock/([^/]+)", "/stock", lambda r, i: stock_body(i)),
+    "reviews": _Routes(
+        "/products/", r"/products/([^/]+)/reviews", "/reviews", lambda r, i: reviews_body(i)
+    ),
+    "recs": _Routes(
         "/recommendations/",
         r"/recommendations/([^/]+)",
+        "/recommendations",
         lambda r, i: recs_body(i, r.query.get("category", "")),
     ),
 }
 
 
 def serve_service(server: UpstreamServer, service: Service) -> None:
-    """Route one simulated service's paths on `server`, answering from `service`'s state."""
-    prefix, path, body = _ROUTES[service.name]
-    server.route(prefix, _served(service, re.compile(path), body))
+    """Route one simulated service's single, batch and control paths on `server`."""
+    routes = _ROUTES[service.name]
+    server.route(routes.prefix, _served(service, re.compile(routes.single), routes.body))
+    server.route(routes.batch, _batched(service, routes.batch, routes.body))
     for control_path, handler in _control_routes(service).items():
         server.route(control_path, handler)
 
