@@ -13,6 +13,7 @@ from cache.policy import CacheSettings, NearSettings
 from gateway.config.loader import LoadedConfig
 from gateway.config.schema import CacheConfig
 from gateway.core.executor import Composite
+from gateway.core.listing import ListRunner
 from gateway.core.plan import (
     EndpointPlan,
     Guarded,
@@ -42,7 +43,7 @@ class Runtime:
     metrics: Metrics
     stats: Stats
     source_plans: Mapping[str, SourcePlan]
-    runners: Mapping[str, Runner]
+    runners: Mapping[str, Runner | ListRunner]
     """One compiled runner per endpoint id: what the edge calls for each request."""
 
 
@@ -101,6 +102,13 @@ async def start(
         count(plan, composite)
         record(plan, composite)
 
+    compiled: dict[str, Runner | ListRunner] = {}
+    compiled.update(runners(by_id, sources, cache, config.cache.key_prefix, observe))
+    for pid, plan in by_id.items():
+        if plan.listing is not None:
+            item = compiled[plan.listing.item]
+            assert isinstance(item, Runner)
+            compiled[pid] = ListRunner(plan, item, sources, observe)
     return Runtime(
         loaded,
         by_id,
@@ -110,7 +118,7 @@ async def start(
         metrics,
         stats,
         source_plans,
-        runners(by_id, sources, cache, config.cache.key_prefix, observe),
+        compiled,
     )
 
 

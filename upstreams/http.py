@@ -217,10 +217,16 @@ def _url(base: str, call: Call) -> str:
         raise ValueError(f"call target must start with '/': {call.target!r}")
     if not call.params:
         return base + call.target
-    query = "&".join(
-        f"{quote(str(k), safe='')}={quote(scalar_text(v), safe='')}" for k, v in call.params.items()
-    )
+    query = "&".join(f"{quote(str(k), safe='')}={_query_value(v)}" for k, v in call.params.items())
     return f"{base}{call.target}{'&' if '?' in call.target else '?'}{query}"
+
+
+def _query_value(value: Any) -> str:
+    """Escape one query value; a tuple (a batch's ids) is its values, each escaped (a comma
+    inside one included), joined by literal commas."""
+    if isinstance(value, tuple):
+        return ",".join(quote(scalar_text(v), safe="") for v in value)
+    return quote(scalar_text(value), safe="")
 
 
 def _headers(static: CIMultiDict[str], call: Call, prop: Propagation) -> CIMultiDict[str]:

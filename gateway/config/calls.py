@@ -3,6 +3,7 @@ what its config may hold: the functions the rows of `gateway.config.kinds` point
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -14,6 +15,23 @@ Scope = Mapping[str, Any]
 
 Render = Callable[[Scope], tuple[str, Mapping[str, Any]]]
 """Scope -> a call's target (URL path or SQL text) and its parameters."""
+
+BatchRender = Callable[[Sequence[Any]], tuple[str, Mapping[str, Any]]]
+"""The items' ids -> a batch request's target (URL path or SQL text) and its parameters."""
+
+STAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\*\}")
+"""`{id*}`: the list of a batch's ids, in an http batch's path or query."""
+SQL_STAR = re.compile(r"%\(([A-Za-z_][A-Za-z0-9_]*)\*\)s")
+"""`%(id*)s`: the list of a batch's ids, in a sql batch's query."""
+
+
+class BatchSpec(Protocol):
+    """The fields of a call's `batch:` block that its source kind reads."""
+
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def query(self) -> str | Mapping[str, str] | None: ...
 
 
 class CallSpec(Protocol):
@@ -63,6 +81,92 @@ def check_http_call(cat: Loc, call: CallSpec, params: set[str]) -> list[tuple[Lo
         found.append(((*cat, "query"), "an http call's query is a mapping of values"))
     if call.one or call.args:
         found.append(((*cat, "one" if call.one else "args"), "only sql calls take one and args"))
+    return found
+
+
+def http_batch_render(batch: BatchSpec, param: str) -> BatchRender:
+    """Return the renderer of an http batch: `{id*}` in the path is the ids, each one
+    percent-encoded as a path segment, joined by commas; a query value `{id*}` is the ids as a
+    tuple, which the adapter encodes value by value and joins by commas."""
+    star = "{" + param + "*}"
+    pieces = (batch.path or "/").split(star)
+    query = (
+        [(k, v == star, v) for k, v in (batch.query or {}).items()]
+        if isinstance(batch.query, Mapping)
+        else []
+    )
+
+    def render(ids: Sequence[Any]) -> tuple[str, Mapping[str, Any]]:
+        path = ",".join(templates.path_segment(i) for i in ids).join(pieces)
+        return path, {k: tuple(ids) if starred else v for k, starred, v in query}
+
+    return render
+
+
+def check_http_batch(cat: Loc, batch: BatchSpec, param: str) -> list[tuple[Loc, str]]:
+    """Return the problems of an http batch: a path, and `{id*}` as its only template."""
+    star = "{" + param + "*}"
+    found: list[tuple[Loc, str]] = []
+    if batch.path is None or not batch.path.startswith("/"):
+        found.append(((*cat, "path"), "an http batch needs a path starting with /"))
+    if isinstance(batch.query, str):
+        found.append(((*cat, "query"), "an http batch's query is a mapping of values"))
+    query = batch.query if isinstance(batch.query, Mapping) else {}
+    uses = 0
+    for field, text in [("path", batch.path or ""), *(("query", v) for v in query.values())]:
+        uses += text.count(star)
+        rest = text.replace(star, "")
+        if field == "query" and star in text and text != star:
+            found.append(((*cat, field), f"a query value is {star} alone, or literal text"))
+        for ref in [*STAR.findall(rest), *(r.text for r in templates.parse(rest).refs)]:
+            found.append(
+                (
+                    (*cat, field),
+                    f"a batch can only use {star} (the item endpoint's id), not {{{ref}}}",
+                )
+            )
+    if not uses and batch.path is not None:
+        found.append(((*cat, "path"), f"a batch must send its ids: use {star} in path or query"))
+    return found
+
+
+def sql_batch_render(
+    translate: Callable[[str], tuple[str, Sequence[str]]], batch: BatchSpec, param: str
+) -> BatchRender:
+    """Return the renderer of a sql batch: `%(id*)s` becomes `(%(_id_0)s, ...)`, one bound
+    placeholder per id, translated to the driver's syntax once per chunk size."""
+    text = batch.query if isinstance(batch.query, str) else ""
+    made: dict[int, tuple[str, tuple[str, ...]]] = {}  # at most `max` sizes
+
+    def render(ids: Sequence[Any]) -> tuple[str, Mapping[str, Any]]:
+        n = len(ids)
+        form = made.get(n)
+        if form is None:
+            names = [f"_{param}_{i}" for i in range(n)]
+            expanded = SQL_STAR.sub("(" + ", ".join(f"%({x})s" for x in names) + ")", text)
+            sql, order = translate(expanded)
+            form = made[n] = (sql, tuple(order))
+        values = {f"_{param}_{i}": v for i, v in enumerate(ids)}
+        return form[0], {name: values[name] for name in form[1]}
+
+    return render
+
+
+def check_sql_batch(cat: Loc, batch: BatchSpec, param: str) -> list[tuple[Loc, str]]:
+    """Return the problems of a sql batch: a query that binds `%(id*)s` and nothing else."""
+    star = f"%({param}*)s"
+    if not isinstance(batch.query, str):
+        return [((*cat, "query"), f"a sql batch needs a query string binding {star}")]
+    found: list[tuple[Loc, str]] = []
+    if batch.path is not None:
+        found.append(((*cat, "path"), "a sql batch takes a query, not a path"))
+    if star not in batch.query:
+        found.append(((*cat, "query"), f"a sql batch must bind its ids: use IN {star}"))
+    for name in SQL_STAR.findall(batch.query):
+        if name != param:
+            found.append(((*cat, "query"), f"%({name}*)s: the item endpoint's id is {param}"))
+    for name in templates.sql_param_names(batch.query):
+        found.append(((*cat, "query"), f"a sql batch binds only {star}, not %({name})s"))
     return found
 
 

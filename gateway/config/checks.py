@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from gateway.config.calls import SQL_STAR, STAR
 from gateway.config.fieldpath import Loc, part
 from gateway.config.kinds import SourceConfig, kind_of
-from gateway.config.schema import CallConfig, EndpointCache, GatewayConfig
+from gateway.config.schema import CallConfig, EndpointCache, EndpointConfig, GatewayConfig
 from gateway.core import templates
 
 RESERVED_PATHS = frozenset(
@@ -41,6 +42,8 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
                 )
             )
         params = {name for name, _ in templates.path_params(ep.path)}
+        if not ep.calls and ep.listing is None:
+            found.append(((*at, "calls"), "an endpoint needs at least one call (or list:)"))
         deps: dict[str, set[str]] = {}
         for name, call in ep.calls.items():
             cat: Loc = (*at, "calls", name)
@@ -68,6 +71,9 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
                         )
             if source is not None:
                 found += kind_of(source).check_call(cat, call, params)
+            found += _check_stars(cat, call)
+            if call.batch is not None:
+                found += _check_batch(cat, call, source, params, deps[name])
             found += _check_forwarding(cat, call, source, ep.cache)
             if call.required and call.has_fallback:
                 found.append(((*cat, "fallback"), "a required call cannot have a fallback"))
@@ -89,6 +95,8 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
                 )
             )
             break
+        if ep.listing is not None:
+            found += _check_listing(at, ep, config.endpoints, deps)
         if ep.cache:
             for j, tag in enumerate(ep.cache.tags):
                 for ref in templates.parse(tag).refs:
@@ -102,6 +110,119 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
             if ep.cache.partial_ttl_s > ep.cache.ttl_s:
                 found.append(((*at, "cache", "partial_ttl_s"), "is longer than ttl_s"))
     return found
+
+
+def _check_stars(cat: Loc, call: CallConfig) -> list[tuple[Loc, str]]:
+    """`{id*}` and `%(id*)s` mean a batch's ids: outside a `batch:` block they would be sent as
+    they are."""
+    found: list[tuple[Loc, str]] = []
+    texts = _call_templates(call)
+    if isinstance(call.query, str):
+        texts.append(("query", [call.query]))
+    for field, values in texts:
+        for text in values:
+            star = STAR.search(text) or SQL_STAR.search(text)
+            if star:
+                found.append(
+                    ((*cat, field), f"{star.group(0)} is the ids of a batch: only in a batch block")
+                )
+                break
+    return found
+
+
+def _check_batch(
+    cat: Loc, call: CallConfig, source: SourceConfig | None, params: set[str], deps: set[str]
+) -> list[tuple[Loc, str]]:
+    assert call.batch is not None
+    at: Loc = (*cat, "batch")
+    if len(params) != 1:
+        return [(at, "only an item endpoint (one path parameter, its id) can batch its calls")]
+    if deps:
+        return [
+            (
+                at,
+                f"a call that waits for another ({', '.join(sorted(deps))}) cannot be batched: "
+                "it runs per item, as soon as its item's values are known",
+            )
+        ]
+    if source is None:
+        return []
+    return kind_of(source).check_batch(at, call.batch, next(iter(params)))
+
+
+def _check_listing(
+    at: Loc, ep: EndpointConfig, endpoints: list[EndpointConfig], deps: Mapping[str, set[str]]
+) -> list[tuple[Loc, str]]:
+    """A listing names an item endpoint with one parameter, and finds its ids in one place."""
+    assert ep.listing is not None
+    found: list[tuple[Loc, str]] = []
+    where: Loc = (*at, "list")
+    items = [e for e in endpoints if e.path == ep.listing.item]
+    if not items:
+        known = ", ".join(e.path for e in endpoints if e.listing is None) or "none"
+        found.append(
+            ((*where, "item"), f"unknown item endpoint {ep.listing.item!r} (endpoints: {known})")
+        )
+    elif items[0].listing is not None:
+        found.append(((*where, "item"), "an item endpoint cannot itself be a listing"))
+    else:
+        item_params = templates.path_params(items[0].path)
+        if len(item_params) != 1:
+            found.append(
+                (
+                    (*where, "item"),
+                    f"an item endpoint takes exactly one path parameter, its id "
+                    f"({items[0].path} has {len(item_params)})",
+                )
+            )
+    if ep.cache is not None:
+        found.append(
+            (
+                (*at, "cache"),
+                "a listing is cached per item, under its item endpoint's cache: remove cache here",
+            )
+        )
+    ids = ep.listing.ids
+    if ids.call is not None:
+        if ids.call not in ep.calls:
+            known = ", ".join(ep.calls) or "none"
+            found.append(
+                (
+                    (*where, "ids", "call"),
+                    f"unknown call {ids.call!r} (this listing's calls: {known})",
+                )
+            )
+        else:
+            needed = _waited_for(ids.call, deps)
+            for name in ep.calls:
+                if name not in needed:
+                    found.append(
+                        (
+                            (*at, "calls", name),
+                            f"a listing's calls find its ids: {name} is not {ids.call} "
+                            "and not waited for by it",
+                        )
+                    )
+    elif ep.calls:
+        name = next(iter(ep.calls))
+        found.append(
+            (
+                (*at, "calls", name),
+                "a listing whose ids come from the query has no calls of its own",
+            )
+        )
+    return found
+
+
+def _waited_for(name: str, deps: Mapping[str, set[str]]) -> set[str]:
+    seen = {name}
+    todo = [name]
+    while todo:
+        for d in deps.get(todo.pop(), ()):
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
 
 
 def _check_hedges(config: GatewayConfig) -> list[tuple[Loc, str]]:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway.config import calls
-from gateway.config.calls import CallSpec, Render
+from gateway.config.calls import BatchRender, BatchSpec, CallSpec, Render
 from gateway.config.fieldpath import Loc
 from gateway.config.sources import Model, SourceModel
 from gateway.core.types import Upstream
@@ -173,6 +173,9 @@ class Kind:
     texts: Callable[[CallSpec], list[str]]
     """The templates of a call, whose references to other calls make it wait for them."""
     check_call: Callable[[Loc, CallSpec, set[str]], list[tuple[Loc, str]]]
+    render_batch: Callable[[BatchSpec, str], BatchRender]
+    """(a call's `batch:` block, the item endpoint's parameter) -> its batch renderer."""
+    check_batch: Callable[[Loc, BatchSpec, str], list[tuple[Loc, str]]]
     shape: Callable[[Any], Any]
     """Model -> what of it shapes the answer, for the endpoint's cache digest."""
     check_dsn: Callable[[str], str | None] | None = None
@@ -202,6 +205,8 @@ def _sql_kind(
         render,
         calls.sql_texts,
         calls.check_sql_call,
+        partial(calls.sql_batch_render, translate),
+        calls.check_sql_batch,
         _sql_shape,
         check_dsn,
     )
@@ -217,6 +222,8 @@ _HTTP = Kind(
     calls.http_render,
     calls.http_texts,
     calls.check_http_call,
+    calls.http_batch_render,
+    calls.check_http_batch,
     _http_shape,
     forwards_headers=True,
 )

@@ -34,7 +34,7 @@ class LoadedConfig:
 
     def redacted(self) -> dict[str, Any]:
         """Return the effective config as plain data with every secret value replaced."""
-        return redacted(self.config.model_dump(mode="json"), self.secrets)
+        return redacted(self.config.model_dump(mode="json", by_alias=True), self.secrets)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedConfig:

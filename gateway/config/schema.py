@@ -42,6 +42,21 @@ HeaderName = Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", max_
 """An HTTP header name (RFC 9110 token)."""
 
 
+class BatchConfig(Model):
+    """How one call asks for many items at once, when a listing computes them together.
+
+    `{id*}` (the item endpoint's parameter, starred) is the list of the items' values:
+    comma-joined in an http `path` or `query` value, one bound placeholder per value in a sql
+    `query` (`IN %(id*)s`). `key` is the field of each returned element (or row) that names its
+    item; `max` splits a batch into chunks that run concurrently.
+    """
+
+    path: str | None = None
+    query: str | dict[str, str] | None = None
+    key: Annotated[str, Field(min_length=1, max_length=100)]
+    max: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
 class CallConfig(Model):
     """One call of an endpoint: which source, what to ask, and what to do when it fails."""
 
@@ -55,6 +70,7 @@ class CallConfig(Model):
     select: tuple[str, ...] | None = None
     timeout_ms: Millis | None = None
     forward_headers: tuple[HeaderName, ...] = ()
+    batch: BatchConfig | None = None
 
     @property
     def has_fallback(self) -> bool:
@@ -78,13 +94,43 @@ class EndpointCache(Model):
     vary: tuple[HeaderName, ...] = ()
 
 
+class ListIds(Model):
+    """Where a listing's ids come from: a query parameter (`?ids=3,1,2`), or a field of each
+    element of one of the listing's own calls."""
+
+    query: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", max_length=100)] | None = (
+        None
+    )
+    call: str | None = None
+    field: str | None = None
+    max: Annotated[int, Field(ge=1, le=1000)] = 48
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> ListIds:
+        if (self.query is None) == (self.call is None):
+            raise ValueError("give either query (a query parameter) or call (and field)")
+        if self.call is not None and not self.field:
+            raise ValueError("ids from a call need field: the field of each element that is an id")
+        if self.query is not None and self.field is not None:
+            raise ValueError("field goes with call, not with query")
+        return self
+
+
+class ListConfig(Model):
+    """A listing: one item document per id, built as the item endpoint builds it."""
+
+    item: str
+    ids: ListIds
+
+
 class EndpointConfig(Model):
-    """One aggregated endpoint: a path, a deadline, calls, and its cache."""
+    """One aggregated endpoint: a path, a deadline, calls, and its cache; or a listing."""
 
     path: str
     deadline_ms: Millis = 1000
     cache: EndpointCache | None = None
-    calls: dict[str, CallConfig]
+    calls: dict[str, CallConfig] = Field(default_factory=dict)
+    listing: ListConfig | None = Field(default=None, alias="list")
 
     @field_validator("path")
     @classmethod
@@ -100,13 +146,6 @@ class EndpointConfig(Model):
                     f"parameter {name!r} has unknown type {kind!r}; use one of "
                     f"{', '.join(PARAM_TYPES)}"
                 )
-        return v
-
-    @field_validator("calls")
-    @classmethod
-    def _calls(cls, v: dict[str, CallConfig]) -> dict[str, CallConfig]:
-        if not v:
-            raise ValueError("an endpoint needs at least one call")
         return v
 
 

@@ -12,7 +12,7 @@ import orjson
 from pydantic import Field, TypeAdapter
 
 from cache.policy import CachePolicy
-from gateway.config.calls import Render
+from gateway.config.calls import BatchRender, Render
 from gateway.config.kinds import Kind, SourceConfig, kind_of
 from gateway.config.schema import (
     CacheConfig,
@@ -53,6 +53,32 @@ class ParamPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """How a call asks for many items at once: its renderer, the field that names each
+    element's item, and the most ids one request carries."""
+
+    render: BatchRender
+    key: str
+    max: int
+    rows: bool
+    """Whether each item's value is the list of its elements (a sql call without `one`), rather
+    than its first element."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListingPlan:
+    """Where a listing's ids come from, and the item endpoint that builds each of its items."""
+
+    item: str
+    """The item endpoint's id (`GET /products/{id:int}`)."""
+    max: int
+    query: str | None = None
+    """The query parameter that holds the ids, comma-separated."""
+    call: str | None = None
+    field: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CallPlan:
     """One call, ready to run: what it waits for, how it renders, what it falls back to."""
 
@@ -69,6 +95,8 @@ class CallPlan:
     task_name: str
     forward: tuple[tuple[bytes, str], ...] = ()
     """Request headers copied to the call: (lower-case name as the server gives it, name)."""
+    batch: BatchPlan | None = None
+    """How a listing asks for this call's results of many items at once, if it can."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +121,8 @@ class EndpointPlan:
     """Whether a call forwards Authorization or Cookie: the answer is that client's alone."""
     cache_reserve: float = 0.0
     """Seconds kept from the deadline for the cache write after the fan-out (0 uncached)."""
+    listing: ListingPlan | None = None
+    """Set on a listing: where its ids come from and which endpoint builds its items."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +215,10 @@ def build_plan(
         orjson.dumps(shape, option=orjson.OPT_SORT_KEYS), digest_size=6
     ).hexdigest()
     tags = tuple(templates.parse(t) for t in (ep.cache.tags if ep.cache else ()))
+    listing = None
+    if ep.listing is not None:
+        ids = ep.listing.ids
+        listing = ListingPlan(f"GET {ep.listing.item}", ids.max, ids.query, ids.call, ids.field)
     return EndpointPlan(
         id=f"GET {ep.path}",
         path=ep.path,
@@ -199,6 +233,7 @@ def build_plan(
         vary=tuple(h.lower().encode("latin-1") for h in (ep.cache.vary if ep.cache else ())),
         personal=any(raw in PERSONAL_HEADERS for cp in calls for raw, _ in cp.forward),
         cache_reserve=(cache or CacheConfig()).op_timeout_ms / 1000 if ep.cache else 0.0,
+        listing=listing,
     )
 
 
@@ -208,6 +243,15 @@ def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointCo
     render = kind.render(call)
     for text in kind.texts(call):
         deps.update(r.root for r in templates.parse(text).refs if r.root in ep.calls)
+    batch = None
+    if call.batch is not None:
+        (param, _), *_ = templates.path_params(ep.path)
+        batch = BatchPlan(
+            kind.render_batch(call.batch, param),
+            call.batch.key,
+            call.batch.max,
+            rows=kind.kind == "sql" and not call.one,
+        )
     return CallPlan(
         name=name,
         source=call.source,
@@ -221,6 +265,7 @@ def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointCo
         select=call.select,
         task_name=f"call:{name}",
         forward=tuple((h.lower().encode("latin-1"), h) for h in call.forward_headers),
+        batch=batch,
     )
 
 

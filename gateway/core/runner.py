@@ -10,6 +10,9 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+from starlette.types import Scope
+
 from cache.composite import CompositeCache, Lookup
 from cache.entry import Entry, make_entry
 from cache.keys import composite_key
@@ -17,7 +20,7 @@ from cache.policy import CachePolicy
 from gateway.core.context import RequestContext
 from gateway.core.executor import Composite, execute
 from gateway.core.merge import answer, with_stale_age
-from gateway.core.plan import PERSONAL_HEADERS, EndpointPlan
+from gateway.core.plan import PERSONAL_HEADERS, EndpointPlan, ParamPlan
 from gateway.core.types import Source
 
 JSON_TYPE = (b"content-type", b"application/json")
@@ -28,6 +31,33 @@ Reply = tuple[int, Headers, bytes]
 
 Observe = Callable[[EndpointPlan, Composite], None]
 """Told about every fan-out that ran, background refreshes included (metrics and statistics)."""
+
+
+def parse_value(p: ParamPlan, text: str, loc: list[Any]) -> tuple[Any, list[Any]]:
+    """Return one typed parameter, or FastAPI-shaped validation errors located at `loc`."""
+    if p.type == "int" and 0 < len(text) <= 18 and text.isascii() and text.isdigit():
+        # Most ids: at most 18 ASCII digits is an int inside every bound, as validated.
+        return int(text), []
+    try:
+        return p.adapter.validate_python(text), []
+    except ValidationError as exc:
+        return None, [
+            {"type": e["type"], "loc": loc, "msg": e["msg"], "input": text}
+            for e in exc.errors(include_url=False)
+        ]
+
+
+def parse_params(plan: EndpointPlan, raw: Mapping[str, str]) -> tuple[dict[str, Any], list[Any]]:
+    """Return typed path parameters, or FastAPI-shaped validation errors for the bad ones."""
+    values: dict[str, Any] = {}
+    errors: list[Any] = []
+    for p in plan.params:
+        value, problems = parse_value(p, raw.get(p.name, ""), ["path", p.name])
+        if problems:
+            errors += problems
+        else:
+            values[p.name] = value
+    return values, errors
 
 
 class Runner:
@@ -62,6 +92,10 @@ class Runner:
         personal = plan.personal or not PERSONAL_HEADERS.isdisjoint(plan.vary)
         self.cache_scope = b"private, max-age=" if personal else b"public, max-age="
 
+    def parse(self, scope: Scope) -> tuple[dict[str, Any], list[Any]]:
+        """Return a request's typed parameters, or its validation errors (a 422)."""
+        return parse_params(self.plan, scope.get("path_params", {}))
+
     async def __call__(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
         """Answer one request: from the cache, or from a fan-out run (once per key) for it."""
         plan = self.plan
@@ -72,12 +106,12 @@ class Runner:
         fresh: list[Composite] = []
 
         async def compute() -> Entry:
-            return await self._compute(ctx, params, fresh)
+            return await self.compute(ctx, params, fresh)
 
         if self.policy is None:
             lookup = Lookup(await compute(), "BYPASS", 0.0, 0.0, False)
         else:
-            lookup = await self._fetch(ctx, params, compute, deadline)
+            lookup = await self.fetch(ctx, params, compute, deadline)
         ctx.cache = lookup.state
         ctx.complete = lookup.entry.complete
         if fresh:
@@ -94,9 +128,10 @@ class Runner:
             timing = f'cache;desc="{lookup.state}"'.encode()
         return self._reply(lookup, timing, ctx.headers.get(b"if-none-match"))
 
-    async def _compute(
+    async def compute(
         self, ctx: RequestContext, params: Mapping[str, Any], fresh: list[Composite]
     ) -> Entry:
+        """Run the fan-out for `params` and return its entry; `fresh` gets its composite."""
         # A background refresh has no client waiting: it gets a whole deadline of its own.
         in_request = ctx.watch()
         loop = asyncio.get_running_loop()
@@ -115,13 +150,15 @@ class Runner:
         self.observe(self.plan, composite)  # here, so background refreshes count too
         return make_entry(status, body, status == 200 and composite.complete)
 
-    async def _fetch(
+    async def fetch(
         self,
         ctx: RequestContext,
         params: Mapping[str, Any],
         compute: Callable[[], Any],
         deadline: float,
     ) -> Lookup:
+        """Return the cached answer for `params` (the request's headers in `vary` included),
+        or the one `compute` makes, under the cache's single-flight and stale rules."""
         policy = self.policy
         assert policy is not None
         headers = ctx.headers
@@ -180,7 +217,7 @@ def runners(
     key_prefix: str,
     observe: Observe,
 ) -> dict[str, Runner]:
-    """Return one runner per endpoint plan, by endpoint id."""
+    """Return one runner per endpoint plan but listings, by endpoint id."""
     return {
         pid: Runner(
             plan,
@@ -191,4 +228,5 @@ def runners(
             observe,
         )
         for pid, plan in plans.items()
+        if plan.listing is None
     }

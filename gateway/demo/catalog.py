@@ -21,6 +21,9 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS products (
 )"""
 """DDL of the products table, valid for both MariaDB/MySQL and SQLite."""
 
+INDEX = "CREATE INDEX IF NOT EXISTS products_by_category ON products (category, id)"
+"""The index a category listing reads (`WHERE category = ... ORDER BY id`), valid for both."""
+
 CATEGORIES = ("books", "electronics", "garden", "home", "sports", "toys")
 BRANDS = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark")
 _NOUNS = ("Lamp", "Kettle", "Backpack", "Novel", "Drone", "Chair", "Puzzle", "Racket")
@@ -49,6 +52,7 @@ def seed_sqlite(path: str, count: int = 10_000) -> None:
     try:
         with conn:
             conn.execute(SCHEMA)
+            conn.execute(INDEX)
             (have,) = conn.execute("SELECT COUNT(*) FROM products").fetchone()
             if have >= count:
                 return
@@ -95,6 +99,7 @@ async def seed_mysql(dsn: str, count: int = 10_000) -> None:
             )
             if (await cur.fetchone()) == (0,):
                 await cur.execute(SCHEMA)
+                await cur.execute(INDEX)
             await cur.execute("SELECT COUNT(*) FROM products")
             (have,) = await cur.fetchone()
             if have >= count:

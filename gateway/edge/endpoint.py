@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
-from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from gateway.core import context
 from gateway.core.context import RequestContext
-from gateway.core.plan import EndpointPlan
 from gateway.core.runner import JSON_TYPE
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
-
-
-def parse_params(plan: EndpointPlan, raw: Mapping[str, str]) -> tuple[dict[str, Any], list[Any]]:
-    """Return typed path parameters, or FastAPI-shaped validation errors for the bad ones."""
-    values: dict[str, Any] = {}
-    errors: list[Any] = []
-    for p in plan.params:
-        text = raw.get(p.name, "")
-        if p.type == "int" and 0 < len(text) <= 18 and text.isascii() and text.isdigit():
-            # Most ids: at most 18 ASCII digits is an int inside every bound, as validated.
-            values[p.name] = int(text)
-            continue
-        try:
-            values[p.name] = p.adapter.validate_python(text)
-        except ValidationError as exc:
-            for e in exc.errors(include_url=False):
-                errors.append(
-                    {"type": e["type"], "loc": ["path", p.name], "msg": e["msg"], "input": text}
-                )
-    return values, errors
 
 
 class EndpointHandler:
@@ -54,7 +32,7 @@ class EndpointHandler:
         if runner is None:
             await _send(send, 404, orjson.dumps({"detail": "Not Found"}), [JSON_TYPE])
             return
-        params, errors = parse_params(runner.plan, scope.get("path_params", {}))
+        params, errors = runner.parse(scope)
         if errors:
             await _send(send, 422, orjson.dumps({"detail": errors}), [JSON_TYPE])
             return

@@ -1,0 +1,329 @@
+"""Listings: one item document per id, each built and cached exactly as its item endpoint builds
+and caches it, the calls of the items that miss batched into as few upstream requests as the
+sources allow (`gateway.core.batch`).
+
+A listing's answer is `{"items": [item | null, ...], "_meta": {"complete", "items"}}` in the
+order the ids were asked; the item documents are the cached entries' bytes, joined, never
+decoded or encoded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.types import Scope
+
+from cache.entry import Entry
+from cache.lookup import Lookup
+from gateway.core.batch import Batch
+from gateway.core.context import RequestContext
+from gateway.core.executor import Composite, execute
+from gateway.core.merge import answer, with_stale_age
+from gateway.core.plan import EndpointPlan
+from gateway.core.runner import JSON_TYPE, Observe, Reply, Runner, parse_params, parse_value
+from gateway.core.types import Source
+
+IDS = "*ids"
+"""The parameters' key of the ids parsed from the query (no path parameter can be named so)."""
+
+GATHER_WINDOW_S = 0.005
+"""How long the first miss of a listing waits for the lookups still undecided (those waiting
+for another request's fan-out of the same item) before the misses gathered so far are computed."""
+
+REASON_OF_STATUS = {404: "not_found", 504: "timeout"}
+"""What an item's error status says in `_meta.items`; any other error is `error`."""
+
+
+class ListRunner:
+    """One listing endpoint, compiled when the config loads, around its item endpoint's runner."""
+
+    def __init__(
+        self,
+        plan: EndpointPlan,
+        item: Runner,
+        sources: Mapping[str, Source],
+        observe: Observe,
+    ) -> None:
+        assert plan.listing is not None
+        self.plan = plan
+        self.listing = plan.listing
+        self.item = item
+        self.sources = sources
+        self.observe = observe
+        self.id_param = item.plan.params[0]
+        self.batch = Batch(item.plan, sources, observe)
+
+    def parse(self, scope: Scope) -> tuple[dict[str, Any], list[Any]]:
+        """Return the typed path parameters and ids, or their validation errors (a 422)."""
+        params, errors = parse_params(self.plan, scope.get("path_params", {}))
+        name = self.listing.query
+        if name is None:
+            return params, errors
+        values = [
+            v
+            for k, v in parse_qsl(
+                scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+            )
+            if k == name
+        ]
+        if not values:
+            missing = {"type": "missing", "loc": ["query", name], "msg": "Field required"}
+            return params, [*errors, {**missing, "input": None}]
+        count = sum(v.count(",") + 1 for v in values if v)
+        if count > self.listing.max:
+            too_long = {
+                "type": "too_long",
+                "loc": ["query", name],
+                "msg": f"List should have at most {self.listing.max} items, not {count}",
+                "input": ",".join(values)[:200],
+            }
+            return params, [*errors, too_long]
+        ids = []
+        for n, text in enumerate(t for v in values if v for t in v.split(",")):
+            value, problems = parse_value(self.id_param, text, ["query", name, n])
+            errors += problems
+            ids.append(value)
+        params[IDS] = ids
+        return params, errors
+
+    async def __call__(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
+        """Answer one listing: its ids, each item from the cache or computed with the others."""
+        plan = self.plan
+        ctx.endpoint = plan.id
+        ctx.deadline = ctx.arrived + plan.deadline
+        dropped = 0
+        if self.listing.call is None:
+            ids: list[Any] = params[IDS]
+            keys = [str(i) for i in ids]
+        else:
+            found = await self._ids_from_call(ctx, params)
+            if not isinstance(found, list):
+                return found
+            ids, keys = [i for i, _ in found], [k for _, k in found]
+            dropped = max(0, len(ids) - self.listing.max)
+            ids, keys = ids[: self.listing.max], keys[: self.listing.max]
+        unique = list(dict.fromkeys(i for i in ids if i is not None))
+        fresh: list[Composite] = []
+        lookups = await self._lookups(ctx, unique, fresh)
+        _account(ctx, lookups.values(), fresh)
+        return self._reply(ctx, ids, keys, lookups, dropped)
+
+    async def _ids_from_call(
+        self, ctx: RequestContext, params: Mapping[str, Any]
+    ) -> list[tuple[Any, str]] | Reply:
+        """Run the listing's own calls; return its ids (None where a value is no valid id) and
+        their texts, or the error answer when the ids call failed."""
+        assert self.listing.call is not None and self.listing.field is not None
+        composite = await execute(self.plan, self.sources, params, ctx, ctx.deadline)
+        self.observe(self.plan, composite)
+        composite, status, body = answer(self.plan, composite)
+        if status != 200:
+            return status, [JSON_TYPE, (b"cache-control", b"no-store")], body
+        value = composite.results[self.listing.call].value
+        field = self.listing.field
+        if isinstance(value, Mapping):
+            inner = value.get(field)
+            raw = inner if isinstance(inner, list) else [inner]
+        elif isinstance(value, list):
+            raw = [v.get(field) if isinstance(v, Mapping) else None for v in value]
+        else:
+            raw = []
+        out: list[tuple[Any, str]] = []
+        for v in raw[: self.listing.max + 1000]:  # what is dropped is counted, never parsed
+            text = v if isinstance(v, str) else orjson.dumps(v).decode()
+            parsed, problems = (
+                parse_value(self.id_param, text, []) if not isinstance(v, bool) else (None, [1])
+            )
+            out.append((None if problems else parsed, text))
+        return out
+
+    async def _lookups(
+        self, ctx: RequestContext, ids: Sequence[Any], fresh: list[Composite]
+    ) -> dict[Any, Lookup]:
+        """Return each item's answer: looked up under its item endpoint's key, the misses
+        computed together."""
+        item = self.item
+        ends = ctx.deadline - item.reserve
+        name = self.id_param.name
+        if item.policy is None:
+            entries = await self.batch.run(ctx, ids, ends, fresh)
+            return {i: Lookup(entries[i], "BYPASS", 0.0, 0.0, False) for i in ids}
+        gathering = _Gathering(self, ctx, ids, ends, fresh)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i in ids:
+                    gathering.tasks[i] = tg.create_task(gathering.fetch(i, {name: i}))
+        finally:
+            gathering.stop()
+        return {i: t.result() for i, t in gathering.tasks.items()}
+
+    def _reply(
+        self,
+        ctx: RequestContext,
+        ids: Sequence[Any],
+        keys: Sequence[str],
+        lookups: Mapping[Any, Lookup],
+        dropped: int,
+    ) -> Reply:
+        parts = [b'{"items":[']
+        reasons: dict[str, str] = {}
+        fresh_for = float("inf")
+        cacheable = True
+        for n, (i, key) in enumerate(zip(ids, keys, strict=True)):
+            if n:
+                parts.append(b",")
+            lookup = lookups.get(i) if i is not None else None
+            if lookup is None:
+                parts.append(b"null")
+                reasons[key] = "error"
+                continue
+            entry = lookup.entry
+            if entry.status != 200:
+                parts.append(b"null")
+                reasons[key] = REASON_OF_STATUS.get(entry.status, "error")
+                continue
+            if lookup.error_stale:
+                parts.append(with_stale_age(entry.body, lookup.age_s))
+                cacheable = False
+            else:
+                parts.append(entry.body)
+            if not entry.complete:
+                reasons[key] = "partial"
+            fresh_for = min(fresh_for, lookup.fresh_for_s)
+        complete = not reasons and not dropped
+        meta: dict[str, Any] = {"complete": complete, "items": reasons}
+        if dropped:
+            meta["dropped"] = dropped
+        parts.append(b'],"_meta":' + orjson.dumps(meta) + b"}")
+        body = b"".join(parts)
+        ctx.complete = complete
+        item = self.item
+        if complete and cacheable and fresh_for != float("inf"):
+            cache_control = item.cache_scope + str(int(fresh_for)).encode()
+        else:
+            cache_control = b"no-store"
+        states = [lk.state for lk in lookups.values()]
+        state = next((s for s in ("MISS", "STALE", "BYPASS") if s in states), "HIT")
+        ctx.cache = state
+        counts = ", ".join(f"{s} {states.count(s)}" for s in dict.fromkeys(states))
+        etag = b'"l' + hashlib.blake2b(body, digest_size=10).hexdigest().encode() + b'"'
+        headers = [
+            JSON_TYPE,
+            (b"x-gateway-complete", b"true" if complete else b"false"),
+            (b"x-cache", state.encode()),
+            (b"cache-control", cache_control),
+            (b"server-timing", f'items;desc="{counts}"'.encode()),
+            (b"etag", etag),
+        ]
+        if item.vary:
+            headers.append((b"vary", item.vary))
+        inm = ctx.headers.get(b"if-none-match")
+        if inm is not None and any(
+            t.strip().removeprefix(b"W/") == etag or t.strip() == b"*" for t in inm.split(b",")
+        ):
+            return 304, headers[1:], b""
+        return 200, headers, body
+
+
+def _account(ctx: RequestContext, lookups: Any, fresh: Sequence[Composite]) -> None:
+    """Sum what the listing's fan-outs did per call, for the access line."""
+    calls: dict[str, dict[str, int]] = {}
+    for composite in fresh:
+        for name, result in composite.results.items():
+            counts = calls.setdefault(name, {})
+            counts[result.outcome] = counts.get(result.outcome, 0) + 1
+    ctx.calls = calls
+
+
+class _Gathering:
+    """The misses of one listing's lookups, gathered so that their calls are batched.
+
+    A lookup that misses hands its compute here. The misses are computed together once every
+    lookup has either missed or ended (a hit, a stale copy, another request's answer), or
+    `GATHER_WINDOW_S` after the first miss when some lookup is still waiting for another
+    request's fan-out: a miss after that starts a batch of its own. A compute asked outside the
+    lookup's own task (a background refresh of a stale item) runs on its own, as the item
+    endpoint's would.
+    """
+
+    def __init__(
+        self,
+        owner: ListRunner,
+        ctx: RequestContext,
+        ids: Sequence[Any],
+        ends: float,
+        fresh: list[Composite],
+    ) -> None:
+        self.owner = owner
+        self.ctx = ctx
+        self.ends = ends
+        self.fresh = fresh
+        self.tasks: dict[Any, asyncio.Task[Lookup]] = {}
+        self.undecided = set(ids)
+        self.pending: dict[Any, asyncio.Future[Entry]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.runs: set[asyncio.Task[None]] = set()
+
+    async def fetch(self, i: Any, params: Mapping[str, Any]) -> Lookup:
+        item = self.owner.item
+
+        async def compute() -> Entry:
+            return await self.compute(i, params)
+
+        try:
+            return await item.fetch(self.ctx, params, compute, self.ctx.deadline)
+        finally:
+            self.decided(i)
+
+    async def compute(self, i: Any, params: Mapping[str, Any]) -> Entry:
+        if asyncio.current_task() is not self.tasks.get(i):
+            return await self.owner.item.compute(self.ctx, params, [])
+        future = asyncio.get_running_loop().create_future()
+        self.pending[i] = future
+        self.decided(i)
+        if self.pending and self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(GATHER_WINDOW_S, self.flush)
+        return await future
+
+    def decided(self, i: Any) -> None:
+        self.undecided.discard(i)
+        if not self.undecided and self.pending:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        task = asyncio.get_running_loop().create_task(self._run(pending))
+        self.runs.add(task)
+        task.add_done_callback(self.runs.discard)
+
+    async def _run(self, pending: dict[Any, asyncio.Future[Entry]]) -> None:
+        try:
+            entries = await self.owner.batch.run(self.ctx, list(pending), self.ends, self.fresh)
+        except Exception as exc:  # a bug: each waiting lookup raises it
+            for future in pending.values():
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for future in pending.values():
+                future.cancel()
+            raise
+        for i, future in pending.items():
+            if not future.done():
+                future.set_result(entries[i])
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        for task in list(self.runs):
+            task.cancel()
