@@ -29,8 +29,8 @@ EXTRA_SOURCE = (
 
 GENEROUS = {
     "deadline_ms: 300": "deadline_ms: 5000",
-    "deadline_ms: 400": "deadline_ms: 5000",
-    "deadline_ms: 500": "deadline_ms: 5000",
+    "deadline_ms: 400\n": "deadline_ms: 5000\n",
+    "deadline_ms: 500\n": "deadline_ms: 5000\n",
     "max: 20}\n    timeout_ms: 150": "max: 20}\n    timeout_ms: 2000",
     "timeout_ms: 120": "timeout_ms: 1500",
     "timeout_ms: 100}": "timeout_ms: 1000}",

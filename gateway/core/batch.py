@@ -91,6 +91,7 @@ class _Group:
         self.cp = cp
         self.batch = cp.batch
         self.source = source
+        self.ids = ids
         self.waiting = set(ids)
         self.asked: dict[Any, asyncio.Future[JSON]] = {}
         self.call: Call | None = None
@@ -113,7 +114,7 @@ class _Group:
         waiting.discard(i)
         if waiting or not self.asked:
             return
-        ids = list(self.asked)
+        ids = [i for i in self.ids if i in self.asked]  # in the listing's order
         size = self.batch.max
         loop = asyncio.get_running_loop()
         for start in range(0, len(ids), size):

@@ -265,6 +265,7 @@ class _Gathering:
         self.fresh = fresh
         self.tasks: dict[Any, asyncio.Task[Lookup]] = {}
         self.undecided = set(ids)
+        self.order = {i: n for n, i in enumerate(ids)}
         self.pending: dict[Any, asyncio.Future[Entry]] = {}
         self.timer: asyncio.TimerHandle | None = None
         self.runs: set[asyncio.Task[None]] = set()
@@ -308,7 +309,8 @@ class _Gathering:
 
     async def _run(self, pending: dict[Any, asyncio.Future[Entry]]) -> None:
         try:
-            entries = await self.owner.batch.run(self.ctx, list(pending), self.ends, self.fresh)
+            ids = sorted(pending, key=self.order.__getitem__)  # in the listing's order
+            entries = await self.owner.batch.run(self.ctx, ids, self.ends, self.fresh)
         except Exception as exc:  # a bug: each waiting lookup raises it
             for future in pending.values():
                 if not future.done():
