@@ -318,3 +318,50 @@ async def test_a_hung_upstream_costs_its_items_their_part_within_the_listing_dea
         assert item["_meta"]["sources"] == {"reviews": "timeout", "recommendations": "timeout"}
         assert item["price"]["currency"] == "USD" and item["stock"] is not None
     assert doc["_meta"]["items"] == dict.fromkeys(["81", "82", "83", "84"], "partial")
+
+
+async def test_openapi_documents_the_listings(served: Stack, http: aiohttp.ClientSession) -> None:
+    _, _, spec = await get(http, f"{served.url}/openapi.json")
+    op = spec["paths"]["/products"]["get"]
+    (ids,) = op["parameters"]
+    assert ids["in"] == "query" and ids["required"] and not ids["explode"]
+    assert ids["schema"]["type"] == "array" and ids["schema"]["maxItems"] == 48
+    assert ids["schema"]["items"]["type"] == "integer"
+    body = op["responses"]["200"]["content"]["application/json"]["schema"]
+    item = spec["paths"]["/products/{id}"]["get"]["responses"]["200"]["content"][
+        "application/json"
+    ]["schema"]
+    assert body["properties"]["items"]["items"]["anyOf"] == [item, {"type": "null"}]
+    meta_items = body["properties"]["_meta"]["properties"]["items"]["additionalProperties"]
+    assert meta_items["enum"] == ["not_found", "partial", "error", "timeout"]
+    assert set(op["responses"]) == {"200", "304", "422"}
+    by_call = spec["paths"]["/categories/{slug}/products"]["get"]
+    assert [p["name"] for p in by_call["parameters"]] == ["slug"]
+    assert {"200", "404", "422", "502", "503", "504"} <= set(by_call["responses"])
+
+
+async def test_ids_past_the_listings_max_are_counted_not_fetched(
+    catalog_dsn: str, redis_prefix: str, http: aiohttp.ClientSession
+) -> None:
+    edit = {"ids: {call: page, field: id}": "ids: {call: page, field: id, max: 5}"}
+    async with stack(catalog_dsn, "memory://", redis_prefix, edit) as s:
+        status, headers, doc = await get(http, f"{s.url}/categories/books/products")
+    assert status == 200
+    assert len(doc["items"]) == 5 and doc["_meta"] == {
+        "complete": False,
+        "items": {},
+        "dropped": 19,
+    }
+    assert headers["X-Gateway-Complete"] == "false"
+    assert [len(b) for b in s.batches("pricing")] == [5]
+
+
+async def test_a_failing_ids_call_fails_the_listing_as_a_required_call_does(
+    catalog_dsn: str, redis_prefix: str, http: aiohttp.ClientSession
+) -> None:
+    edit = {"ORDER BY id LIMIT 24": "ORDER BY no_such_column LIMIT 24"}
+    async with stack(catalog_dsn, "memory://", redis_prefix, edit) as s:
+        status, headers, doc = await get(http, f"{s.url}/categories/books/products")
+    assert status == 502, doc
+    assert doc["error"]["call"] == "page" and headers["Cache-Control"] == "no-store"
+    assert not s.batches("pricing")

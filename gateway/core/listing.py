@@ -101,12 +101,11 @@ class ListRunner:
             ids: list[Any] = params[IDS]
             keys = [str(i) for i in ids]
         else:
-            found = await self._ids_from_call(ctx, params)
-            if not isinstance(found, list):
-                return found
+            got = await self._ids_from_call(ctx, params)
+            if len(got) == 3:
+                return got  # the ids call's error answer
+            found, dropped = got
             ids, keys = [i for i, _ in found], [k for _, k in found]
-            dropped = max(0, len(ids) - self.listing.max)
-            ids, keys = ids[: self.listing.max], keys[: self.listing.max]
         unique = list(dict.fromkeys(i for i in ids if i is not None))
         fresh: list[Composite] = []
         lookups = await self._lookups(ctx, unique, fresh)
@@ -115,9 +114,9 @@ class ListRunner:
 
     async def _ids_from_call(
         self, ctx: RequestContext, params: Mapping[str, Any]
-    ) -> list[tuple[Any, str]] | Reply:
-        """Run the listing's own calls; return its ids (None where a value is no valid id) and
-        their texts, or the error answer when the ids call failed."""
+    ) -> tuple[list[tuple[Any, str]], int] | Reply:
+        """Run the listing's own calls; return its ids (None where a value is no valid id) with
+        their texts, and how many were past `max`; or the error answer when the ids call failed."""
         assert self.listing.call is not None and self.listing.field is not None
         composite = await execute(self.plan, self.sources, params, ctx, ctx.deadline)
         self.observe(self.plan, composite)
@@ -133,14 +132,15 @@ class ListRunner:
             raw = [v.get(field) if isinstance(v, Mapping) else None for v in value]
         else:
             raw = []
-        out: list[tuple[Any, str]] = []
-        for v in raw[: self.listing.max + 1000]:  # what is dropped is counted, never parsed
-            text = v if isinstance(v, str) else orjson.dumps(v).decode()
-            parsed, problems = (
-                parse_value(self.id_param, text, []) if not isinstance(v, bool) else (None, [1])
-            )
-            out.append((None if problems else parsed, text))
-        return out
+        found: list[tuple[Any, str]] = []
+        for v in raw[: self.listing.max]:
+            if isinstance(v, str | int | float) and not isinstance(v, bool):
+                text = v if isinstance(v, str) else orjson.dumps(v).decode()
+                parsed, problems = parse_value(self.id_param, text, [])
+                found.append((None if problems else parsed, text))
+            else:  # no id at all: its place says so
+                found.append((None, orjson.dumps(v).decode()[:100]))
+        return found, max(0, len(raw) - self.listing.max)
 
     async def _lookups(
         self, ctx: RequestContext, ids: Sequence[Any], fresh: list[Composite]

@@ -92,7 +92,8 @@ async def serve_demo(
         for name, url in sims.urls.items():
             print(f"  {name:<10} {url}", flush=True)
         print(
-            f"try:\n  curl -i {base}/products/42\n  {base}/docs\n  {base}/readyz\n"
+            f"try:\n  curl -i {base}/products/42\n  curl -s '{base}/products?ids=3,1,2'\n"
+            f"  curl -s {base}/categories/toys/products\n  {base}/docs\n  {base}/readyz\n"
             "Ctrl-C stops everything.",
             flush=True,
         )

@@ -53,50 +53,125 @@ _ERROR = {
 }
 
 
+_LIST_META = {
+    "type": "object",
+    "properties": {
+        "complete": {"type": "boolean"},
+        "items": {
+            "type": "object",
+            "description": "Why an item is null or partial, by its id.",
+            "additionalProperties": {
+                "type": "string",
+                "enum": ["not_found", "partial", "error", "timeout"],
+            },
+        },
+        "dropped": {
+            "type": "integer",
+            "description": "Ids found past the listing's max, not fetched.",
+        },
+    },
+    "required": ["complete", "items"],
+}
+
+_VALIDATION = {
+    "description": "Validation Error",
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+    },
+}
+
+
+def _document(plan: EndpointPlan) -> dict[str, Any]:
+    calls: dict[str, Any] = {cp.name: {} for cp in plan.calls}
+    return {"type": "object", "properties": {**calls, "_meta": _META}, "required": ["_meta"]}
+
+
+def _failures(error: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "404": {"description": "A required call found nothing.", **error},
+        "422": _VALIDATION,
+        "502": {"description": "A required call failed.", **error},
+        "503": {"description": "A required call's breaker is open.", **error},
+        "504": {"description": "A required call timed out.", **error},
+    }
+
+
 def endpoint_paths(plans: Iterable[EndpointPlan]) -> dict[str, Any]:
     """Return the OpenAPI `paths` entries of the configured endpoints."""
+    by_id = {plan.id: plan for plan in plans}
     paths: dict[str, Any] = {}
-    for plan in plans:
-        calls: dict[str, Any] = {cp.name: {} for cp in plan.calls}
-        error = {"content": {"application/json": {"schema": _ERROR}}}
+    error = {"content": {"application/json": {"schema": _ERROR}}}
+    for plan in by_id.values():
+        parameters: list[dict[str, Any]] = [
+            {"name": p.name, "in": "path", "required": True, "schema": _TYPES[p.type]}
+            for p in plan.params
+        ]
+        listing = plan.listing
+        if listing is None:
+            summary = f"Aggregate {', '.join(cp.name for cp in plan.calls)}"
+            ok = {
+                "description": "The merged document; `_meta.complete` is false when an "
+                "optional call failed and took its fallback.",
+                "content": {"application/json": {"schema": _document(plan)}},
+            }
+            responses = {
+                "200": ok,
+                "304": {"description": "Not modified (If-None-Match matched the ETag)."},
+                **_failures(error),
+            }
+        else:
+            item = by_id[listing.item]
+            id_type = _TYPES[item.params[0].type]
+            summary = f"List items of {item.path}"
+            if listing.query is not None:
+                parameters.append(
+                    {
+                        "name": listing.query,
+                        "in": "query",
+                        "required": True,
+                        "description": f"Comma-separated ids, at most {listing.max}; "
+                        "duplicates are fetched once.",
+                        "style": "form",
+                        "explode": False,
+                        "schema": {"type": "array", "maxItems": listing.max, "items": id_type},
+                    }
+                )
+            ok = {
+                "description": "One item document per id, in the order asked, each as "
+                f"{item.path} answers it; null where it failed (the reason in "
+                "`_meta.items`).",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "items": {
+                                    "type": "array",
+                                    "items": {"anyOf": [_document(item), {"type": "null"}]},
+                                },
+                                "_meta": _LIST_META,
+                            },
+                            "required": ["items", "_meta"],
+                        }
+                    }
+                },
+            }
+            responses = {
+                "200": ok,
+                "304": {"description": "Not modified (If-None-Match matched the ETag)."},
+            }
+            if listing.call is None:
+                responses["422"] = _VALIDATION
+            else:
+                responses.update(_failures(error))
         paths[plan.route_path] = {
             "get": {
-                "summary": f"Aggregate {', '.join(calls)}",
+                "summary": summary,
                 "operationId": "get_"
                 + "_".join(s.strip("{}") for s in plan.route_path.split("/") if s),
                 "tags": ["endpoints"],
-                "parameters": [
-                    {"name": p.name, "in": "path", "required": True, "schema": _TYPES[p.type]}
-                    for p in plan.params
-                ],
-                "responses": {
-                    "200": {
-                        "description": "The merged document; `_meta.complete` is false when an "
-                        "optional call failed and took its fallback.",
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {**calls, "_meta": _META},
-                                    "required": ["_meta"],
-                                }
-                            }
-                        },
-                    },
-                    "304": {"description": "Not modified (If-None-Match matched the ETag)."},
-                    "404": {"description": "A required call found nothing.", **error},
-                    "422": {
-                        "description": "Validation Error",
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/HTTPValidationError"}
-                            }
-                        },
-                    },
-                    "502": {"description": "A required call failed.", **error},
-                    "503": {"description": "A required call's breaker is open.", **error},
-                    "504": {"description": "A required call timed out.", **error},
-                },
+                "parameters": parameters,
+                "responses": responses,
             }
         }
     return paths
