@@ -28,8 +28,10 @@ def literal_secrets(value: str, loc: Loc) -> set[str]:
     found: set[str] = set()
     if len(loc) == 4 and loc[0] == "sources" and loc[2] == "headers":
         found.update((value, value.partition(" ")[2].strip()))
-    if len(loc) == 6 and loc[0] == "endpoints" and loc[2] == "calls" and loc[4] == "query":
-        found.update(p.strip() for p in templates.parse(value).parts if isinstance(p, str))
+    if _is_call_query(loc):
+        # `{id*}` (a batch's ids) names values too: it is no literal.
+        literal = _STAR.sub("", value)
+        found.update(p.strip() for p in templates.parse(literal).parts if isinstance(p, str))
     try:
         password = urlsplit(value).password
     except ValueError:  # not a URL at all ("http://[::1")
@@ -37,6 +39,18 @@ def literal_secrets(value: str, loc: Loc) -> set[str]:
     if password:
         found.update((password, unquote(password)))
     return {s for s in found if s}
+
+
+def _is_call_query(loc: Loc) -> bool:
+    """Whether `loc` is a value of an http call's query, or of its batch's."""
+    if not (loc[:1] == ("endpoints",) and len(loc) > 4 and loc[2] == "calls"):
+        return False
+    return (len(loc) == 6 and loc[4] == "query") or (
+        len(loc) == 7 and loc[4] == "batch" and loc[5] == "query"
+    )
+
+
+_STAR = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\*\}")
 
 
 def redacted(data: dict[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
@@ -48,10 +62,11 @@ def redacted(data: dict[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
             source["headers"] = {k: _masked(v) for k, v in source["headers"].items()}
     for endpoint in data.get("endpoints", []):
         for call in endpoint.get("calls", {}).values():
-            if isinstance(call.get("query"), dict):
-                call["query"] = {
-                    k: v if _pure_template(v) else "***" for k, v in call["query"].items()
-                }
+            for block in (call, call.get("batch") or {}):
+                if isinstance(block.get("query"), dict):
+                    block["query"] = {
+                        k: v if _pure_template(v) else "***" for k, v in block["query"].items()
+                    }
     redacted_data: dict[str, Any] = _redact(data, secrets)
     return redacted_data
 
@@ -66,6 +81,7 @@ def _pure_template(value: Any) -> bool:
     """Whether a query value is references only (`{product.category}`): nothing of it is secret."""
     if not isinstance(value, str) or not value:
         return False
+    value = _STAR.sub("{ids}", value)
     return all(isinstance(p, templates.Ref) for p in templates.parse(value).parts)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from cache.entry import Entry, make_entry
 from gateway.core.context import RequestContext
-from gateway.core.errors import BadPayload, NotFound
+from gateway.core.errors import BadPayload, NotFound, Unsendable
 from gateway.core.executor import Composite, execute
 from gateway.core.merge import answer
 from gateway.core.plan import CallPlan, EndpointPlan
@@ -130,11 +130,17 @@ class _Group:
         try:
             value = await self.source(call)
             values = self._match(value, chunk)
+        except Unsendable:
+            if len(chunk) > 1:
+                # One id the driver cannot bind (an int past the column's range on PostgreSQL)
+                # must not cost the others theirs: halve the chunk until it is alone.
+                half = len(chunk) // 2
+                await asyncio.gather(self._send(chunk[:half]), self._send(chunk[half:]))
+                return
+            self._fail(chunk, Unsendable(f"{cp.name}: the driver cannot bind {chunk[0]!r}"))
+            return
         except Exception as exc:  # a source's failure, or a bug: each item's call raises it
-            for i in chunk:
-                future = self.asked[i]
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(chunk, exc)
             return
         for i in chunk:
             future = self.asked[i]
@@ -144,6 +150,12 @@ class _Group:
                 future.set_result(values[i])
             else:
                 future.set_exception(NotFound(f"{cp.name}: no element with {self.batch.key}={i}"))
+
+    def _fail(self, chunk: list[Any], exc: Exception) -> None:
+        for i in chunk:
+            future = self.asked[i]
+            if not future.done():
+                future.set_exception(exc)
 
     def _match(self, value: JSON, chunk: list[Any]) -> dict[Any, JSON]:
         """Return each item's value: its element (the first one), or with `rows`, the list of
