@@ -124,7 +124,7 @@ async def test_a_bad_file_is_refused_with_its_lines_and_the_old_config_keeps_ser
             ("timeout_ms: fast", "timeout_ms: 1500", "sources.pricing.timeout_ms"),
             ("deadline_ms: [5000", "deadline_ms: 5000", "(yaml)"),
         ]:
-            bad = good.replace(right, wrong)
+            bad = good.replace(right, wrong, 1)
             path.write_text(bad)
             async with http.post(f"{base}/admin/reload", headers=AUTH) as resp:
                 assert resp.status == 400
