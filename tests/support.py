@@ -22,8 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
+import pymysql
 from multidict import CIMultiDict
 
 from gateway.core.types import Call, Upstream
@@ -319,3 +321,16 @@ async def asgi_get(app: Any, path: str, disconnect_after_s: float) -> list[dict[
 
     await app(scope(path), receive, send)
     return sent
+
+
+def mysql_connect(url: str) -> pymysql.connections.Connection:
+    """A plain pymysql connection (autocommit) to the database of a mysql:// URL, for set-up."""
+    dsn = urlsplit(url)
+    return pymysql.connect(
+        host=dsn.hostname,
+        port=dsn.port or 3306,
+        user=dsn.username or "",
+        password="",
+        database=dsn.path.lstrip("/"),
+        autocommit=True,
+    )

@@ -365,3 +365,19 @@ async def test_a_failing_ids_call_fails_the_listing_as_a_required_call_does(
     assert status == 502, doc
     assert doc["error"]["call"] == "page" and headers["Cache-Control"] == "no-store"
     assert not s.batches("pricing")
+
+
+async def test_items_whose_required_call_fails_are_null_and_the_listing_still_answers(
+    redis_prefix: str, http: aiohttp.ClientSession
+) -> None:
+    from tests.support import free_port
+
+    dead = f"mysql://root@127.0.0.1:{free_port()}/catalog"
+    async with stack(dead, "memory://", redis_prefix) as s:
+        status, headers, doc = await get(http, f"{s.url}/products?ids=91,92")
+        assert status == 200, doc
+        assert doc["items"] == [None, None]
+        assert set(doc["_meta"]["items"].values()) <= {"error", "timeout"}
+        assert doc["_meta"]["complete"] is False and headers["Cache-Control"] == "no-store"
+        status, _, doc = await get(http, f"{s.url}/products?ids=")
+        assert status == 200 and doc == {"items": [], "_meta": {"complete": True, "items": {}}}

@@ -12,11 +12,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
-import pymysql
 import pytest
 
 from gateway.config.kinds import Kind, SqlSourceConfig
@@ -26,6 +24,7 @@ from gateway.core.context import RequestContext
 from gateway.core.errors import Unsendable
 from gateway.core.plan import build_plan, compile_source, open_upstream
 from gateway.core.types import JSON, Call, Upstream
+from tests.support import mysql_connect
 
 TABLE = "sqlbatch_items"
 ROWS = [
@@ -59,15 +58,7 @@ def _insert_values() -> str:
 @pytest.fixture(scope="module")
 def mariadb_dsn(mysql_url: str) -> Iterator[str]:
     """The session MariaDB database with this module's table in it."""
-    dsn = urlsplit(mysql_url)
-    conn = pymysql.connect(
-        host=dsn.hostname,
-        port=dsn.port or 3306,
-        user=dsn.username or "",
-        password="",
-        database=dsn.path.lstrip("/"),
-        autocommit=True,
-    )
+    conn = mysql_connect(mysql_url)
     with conn.cursor() as cur:
         cur.execute(CREATE)
         cur.execute(f"INSERT INTO {TABLE} VALUES {_insert_values()}")

@@ -14,13 +14,12 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import orjson
-import pymysql
 import pytest
 
 from gateway.config.kinds import KINDS
 from gateway.core.errors import NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.types import Call, Upstream
-from tests.support import free_port
+from tests.support import free_port, mysql_connect
 from upstreams import mysql, sqlite
 from upstreams.mysql import budgeted
 from upstreams.sql import SqlPoolSettings, SqlSettings
@@ -37,22 +36,10 @@ SLOW_SQLITE = (
 )
 
 
-def _mysql_connect(url: str) -> pymysql.connections.Connection:
-    dsn = urlsplit(url)
-    return pymysql.connect(
-        host=dsn.hostname,
-        port=dsn.port or 3306,
-        user=dsn.username or "",
-        password="",
-        database=dsn.path.lstrip("/"),
-        autocommit=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def mysql_dsn(mysql_url: str) -> Iterator[str]:
     """The session database with this module's tables in it."""
-    conn = _mysql_connect(mysql_url)
+    conn = mysql_connect(mysql_url)
     with conn.cursor() as cur:
         cur.execute(
             f"CREATE TABLE {TABLE} (id INT PRIMARY KEY, sku VARCHAR(20), "
@@ -258,7 +245,7 @@ async def test_an_unreachable_server_is_unavailable_with_connect_set(mysql_dsn: 
 async def test_the_dsn_password_is_percent_decoded(mysql_dsn: str) -> None:
     user, password = f"gw_{uuid.uuid4().hex[:8]}", "p@ss:w/rd%?#"
     database = urlsplit(mysql_dsn).path.lstrip("/")
-    admin = _mysql_connect(mysql_dsn)
+    admin = mysql_connect(mysql_dsn)
     try:
         with admin.cursor() as cur:
             cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (user, password))
@@ -322,7 +309,7 @@ def test_the_mysql_hint_is_whole_milliseconds_rounded_up() -> None:
 
 
 def test_the_real_server_is_mariadb_and_runs_both_forms(mysql_dsn: str) -> None:
-    conn = _mysql_connect(mysql_dsn)
+    conn = mysql_connect(mysql_dsn)
     try:
         version = conn.get_server_info()
         assert budgeted("SELECT 1", 0.5, version).startswith("SET STATEMENT max_statement_time=")

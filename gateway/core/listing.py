@@ -107,6 +107,8 @@ class ListRunner:
             found, dropped = got
             ids, keys = [i for i, _ in found], [k for _, k in found]
         unique = list(dict.fromkeys(i for i in ids if i is not None))
+        # From here on a client that leaves cancels the listing (and the batches it started).
+        ctx.watch()
         fresh: list[Composite] = []
         lookups = await self._lookups(ctx, unique, fresh)
         _account(ctx, fresh)
@@ -209,8 +211,10 @@ class ListRunner:
             cache_control = b"no-store"
         states = [lk.state for lk in lookups.values()]
         state = next((s for s in ("MISS", "STALE", "BYPASS") if s in states), "HIT")
+        if not states:
+            state = "BYPASS"  # no item: nothing was looked up
         ctx.cache = state
-        counts = ", ".join(f"{s} {states.count(s)}" for s in dict.fromkeys(states))
+        counts = ", ".join(f"{s} {states.count(s)}" for s in dict.fromkeys(states)) or "none"
         etag = b'"l' + hashlib.blake2b(body, digest_size=10).hexdigest().encode() + b'"'
         headers = [
             JSON_TYPE,
