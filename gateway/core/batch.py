@@ -29,6 +29,11 @@ BATCHED = "batch:"
 """Prefix of the stand-in source names of batched calls (source names are never so spelt)."""
 
 
+def _unrendered(scope: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """A batched call's per-item request is never sent: nothing of it is rendered."""
+    return "", {}
+
+
 class Batch:
     """The item endpoint's plan with its batchable calls answered by groups, ready to run."""
 
@@ -40,7 +45,9 @@ class Batch:
         self.stand_in = replace(
             plan,
             calls=tuple(
-                replace(cp, source=BATCHED + cp.name) if cp.batch is not None else cp
+                replace(cp, source=BATCHED + cp.name, render=_unrendered)
+                if cp.batch is not None
+                else cp
                 for cp in plan.calls
             ),
         )
