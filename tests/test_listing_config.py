@@ -302,6 +302,12 @@ CASES: dict[str, Case] = {
         "max: 1001",
         "less than or equal to 1000",
     ),
+    "batch timeout longer than the deadline": Case(
+        sub("          max: 50\n", "          max: 50\n          timeout_ms: 301\n"),
+        "endpoints.0.calls.price.batch.timeout_ms",
+        "timeout_ms: 301",
+        "longer than the endpoint's deadline_ms 300",
+    ),
     "batch without key": Case(
         sub("          key: id\n", ""),
         "endpoints.0.calls.product.batch.key",
@@ -459,3 +465,11 @@ def test_sql_batch_reuses_the_text_of_a_size_it_rendered_before(
     assert list(first_params.values()) == [1, 2] and list(second_params.values()) == [3, 4]
     third, _ = render([1, 2, 3])
     assert third != first and third.count(",") == first.count(",") + 1
+
+
+def test_a_batch_timeout_is_its_requests_and_the_call_keeps_its_own() -> None:
+    text = sub("          max: 50\n", "          max: 50\n          timeout_ms: 250\n")
+    item = build_plans(config.loads(text, "gw.yaml", {}).config)[0]
+    product, price = item.calls
+    assert price.batch is not None and price.batch.timeout == 0.25 and price.timeout == 0.1
+    assert product.batch is not None and product.batch.timeout is None

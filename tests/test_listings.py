@@ -381,3 +381,76 @@ async def test_items_whose_required_call_fails_are_null_and_the_listing_still_an
         assert doc["_meta"]["complete"] is False and headers["Cache-Control"] == "no-store"
         status, _, doc = await get(http, f"{s.url}/products?ids=")
         assert status == 200 and doc == {"items": [], "_meta": {"complete": True, "items": {}}}
+
+
+async def test_an_optional_ids_call_that_fails_fails_the_listing_never_an_empty_page(
+    catalog_dsn: str, redis_prefix: str, http: aiohttp.ClientSession
+) -> None:
+    edit = {
+        "calls: {page: {source: catalog, required: true,": "calls: {page: {source: catalog,",
+        "ORDER BY id LIMIT 24": "ORDER BY no_such_column LIMIT 24",
+    }
+    async with stack(catalog_dsn, "memory://", redis_prefix, edit) as s:
+        status, headers, doc = await get(http, f"{s.url}/categories/books/products")
+    assert status == 502, doc
+    assert doc["error"]["call"] == "page" and headers["X-Gateway-Complete"] == "false"
+
+
+async def test_an_item_computed_by_a_listing_keeps_to_its_own_endpoints_deadline(
+    catalog_dsn: str, redis_prefix: str, http: aiohttp.ClientSession
+) -> None:
+    # The listing may wait 5 s; the item endpoint, 1 s: a hung reviews call costs the items
+    # computed for the listing no more than the item endpoint's deadline, so an item request
+    # that follows the listing's fan-out of the same item is never left waiting past its own.
+    async with recorded_services() as (services, servers):
+        text = f"""
+version: 1
+cache: {{url: "memory://", key_prefix: "{redis_prefix}"}}
+sources:
+  catalog: {{kind: sql, dsn: "{catalog_dsn}", timeout_ms: 1000}}
+  reviews: {{kind: http, base_url: "{servers["reviews"].url}", timeout_ms: 1000,
+             retry: {{attempts: 5, backoff_ms: 10, on: [timeout], budget_ratio: 1}}}}
+endpoints:
+  - path: /products/{{id:int}}
+    deadline_ms: 1000
+    cache: {{ttl_s: 60, partial_ttl_s: 5}}
+    calls:
+      product:
+        source: catalog
+        query: "SELECT id, name FROM products WHERE id = %(id)s"
+        one: true
+        required: true
+        batch: {{query: "SELECT id, name FROM products WHERE id IN %(id*)s", key: id}}
+      reviews: {{source: reviews, path: "/products/{{id}}/reviews", fallback: null}}
+  - path: /products
+    deadline_ms: 5000
+    list: {{item: "/products/{{id:int}}", ids: {{query: ids}}}}
+"""
+        loaded = config.loads(text, "gateway.yaml", {})
+        async with serving_config(loaded) as url:
+            services["reviews"].behaviour.update({"hang_rate": 1.0})
+            started = time.monotonic()
+            listing, single = await asyncio.gather(
+                get(http, f"{url}/products?ids=101,102"), get(http, f"{url}/products/101")
+            )
+            took = time.monotonic() - started
+    assert listing[0] == 200 and single[0] == 200, (listing, single)
+    assert single[2]["_meta"]["sources"] == {"reviews": "timeout"}
+    assert listing[2]["_meta"]["items"] == {"101": "partial", "102": "partial"}
+    # one item deadline (1 s) plus a wide margin; the listing's own would allow 5 retried seconds
+    assert took < 3.5, took
+
+
+async def test_a_batch_request_keeps_to_its_batch_timeout(
+    catalog_dsn: str, redis_prefix: str, http: aiohttp.ClientSession
+) -> None:
+    edit = {
+        "key: product_id, max: 50}\n        select: [currency": (
+            "key: product_id, max: 50, timeout_ms: 100}\n        select: [currency"
+        )
+    }
+    async with stack(catalog_dsn, "memory://", redis_prefix, edit) as s:
+        s.services["pricing"].behaviour.update({"delay_ms": 1000})  # under the call's 1.5 s
+        status, _, doc = await get(http, f"{s.url}/products?ids=111,112")
+    assert status == 200
+    assert [item["_meta"]["sources"] for item in doc["items"]] == [{"price": "timeout"}] * 2

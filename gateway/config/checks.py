@@ -73,7 +73,7 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
                 found += kind_of(source).check_call(cat, call, params)
             found += _check_stars(cat, call)
             if call.batch is not None:
-                found += _check_batch(cat, call, source, params, deps[name])
+                found += _check_batch(cat, call, source, params, deps[name], ep.deadline_ms)
             found += _check_forwarding(cat, call, source, ep.cache)
             if call.required and call.has_fallback:
                 found.append(((*cat, "fallback"), "a required call cannot have a fallback"))
@@ -131,7 +131,12 @@ def _check_stars(cat: Loc, call: CallConfig) -> list[tuple[Loc, str]]:
 
 
 def _check_batch(
-    cat: Loc, call: CallConfig, source: SourceConfig | None, params: set[str], deps: set[str]
+    cat: Loc,
+    call: CallConfig,
+    source: SourceConfig | None,
+    params: set[str],
+    deps: set[str],
+    deadline_ms: int,
 ) -> list[tuple[Loc, str]]:
     assert call.batch is not None
     at: Loc = (*cat, "batch")
@@ -147,7 +152,16 @@ def _check_batch(
         ]
     if source is None:
         return []
-    return kind_of(source).check_batch(at, call.batch, next(iter(params)))
+    found = kind_of(source).check_batch(at, call.batch, next(iter(params)))
+    timeout = call.batch.timeout_ms
+    if timeout is not None and timeout > deadline_ms:
+        found.append(
+            (
+                (*at, "timeout_ms"),
+                f"timeout {timeout} ms is longer than the endpoint's deadline_ms {deadline_ms}",
+            )
+        )
+    return found
 
 
 def _check_listing(

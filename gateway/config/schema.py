@@ -55,6 +55,9 @@ class BatchConfig(Model):
     query: str | dict[str, str] | None = None
     key: Annotated[str, Field(min_length=1, max_length=100)]
     max: Annotated[int, Field(ge=1, le=1000)] = 100
+    timeout_ms: Millis | None = None
+    """One batch request's timeout (a batch may take longer than one item); default: the
+    call's own."""
 
 
 class CallConfig(Model):

@@ -10,7 +10,7 @@ it fails, it fails that call for each of its items.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -54,18 +54,35 @@ class Batch:
         self.name = plan.params[0].name
 
     async def run(
-        self, ctx: RequestContext, ids: Sequence[Any], ends: float, fresh: list[Composite]
+        self,
+        ctx: RequestContext,
+        ids: Sequence[Any],
+        ends: float,
+        fresh: list[Composite],
+        done: Callable[[Any, Entry], None] | None = None,
     ) -> dict[Any, Entry]:
-        """Compute the entries of `ids` (distinct) by `ends` (loop time); `fresh` gets each
-        item's composite. Every call without `batch` runs per item, bounded by its source's
-        bulkhead; every batched call, once per chunk."""
+        """Compute the entries of `ids` (distinct) by `ends` (loop time, capped at the item
+        endpoint's own deadline from now); `fresh` gets each item's composite, and `done` each
+        entry as soon as it is made. Every call without `batch` runs per item, bounded by its
+        source's bulkhead; every batched call, once per chunk."""
+        plan = self.plan
+        ends = min(ends, asyncio.get_running_loop().time() + plan.deadline - plan.cache_reserve)
         groups = {cp.name: _Group(cp, self.sources[cp.source], ids) for cp in self.batched}
+        entries: dict[Any, Entry] = {}
+
+        async def item(i: Any) -> None:
+            entry = entries[i] = await self._item(ctx, i, groups, ends, fresh)
+            if done is not None:
+                done(i, entry)
+
         try:
-            entries = await asyncio.gather(*(self._item(ctx, i, groups, ends, fresh) for i in ids))
+            async with asyncio.TaskGroup() as tg:
+                for i in ids:
+                    tg.create_task(item(i))
         finally:
             for group in groups.values():
                 group.stop()
-        return dict(zip(ids, entries, strict=True))
+        return entries
 
     async def _item(
         self,
@@ -133,7 +150,14 @@ class _Group:
         assert self.call is not None
         cp = self.cp
         target, params = self.batch.render(chunk)
-        call = replace(self.call, source=cp.source, target=target, params=params, one=False)
+        call = replace(
+            self.call,
+            source=cp.source,
+            target=target,
+            params=params,
+            one=False,
+            timeout=self.batch.timeout or self.call.timeout,
+        )
         try:
             value = await self.source(call)
             values = self._match(value, chunk)

@@ -22,7 +22,7 @@ from cache.entry import Entry
 from cache.lookup import Lookup
 from gateway.core.batch import Batch
 from gateway.core.context import RequestContext
-from gateway.core.executor import Composite, execute
+from gateway.core.executor import CallResult, Composite, execute
 from gateway.core.merge import answer, with_stale_age
 from gateway.core.plan import EndpointPlan
 from gateway.core.runner import JSON_TYPE, Observe, Reply, Runner, parse_params, parse_value
@@ -31,9 +31,10 @@ from gateway.core.types import Source
 IDS = "*ids"
 """The parameters' key of the ids parsed from the query (no path parameter can be named so)."""
 
-GATHER_WINDOW_S = 0.005
-"""How long the first miss of a listing waits for the lookups still undecided (those waiting
-for another request's fan-out of the same item) before the misses gathered so far are computed."""
+GATHER_WINDOW_S = 0.02
+"""How long the first miss of a listing waits for the lookups still undecided (a slow cache
+read, a wait for another request's fan-out of the same item) before the misses gathered so far
+are computed; a miss after that starts a batch of its own."""
 
 REASON_OF_STATUS = {404: "not_found", 504: "timeout"}
 """What an item's error status says in `_meta.items`; any other error is `error`."""
@@ -97,6 +98,8 @@ class ListRunner:
         ctx.endpoint = plan.id
         ctx.deadline = ctx.arrived + plan.deadline
         dropped = 0
+        # A client that leaves cancels the listing (its ids call, and the batches it started).
+        ctx.watch()
         if self.listing.call is None:
             ids: list[Any] = params[IDS]
             keys = [str(i) for i in ids]
@@ -107,8 +110,6 @@ class ListRunner:
             found, dropped = got
             ids, keys = [i for i, _ in found], [k for _, k in found]
         unique = list(dict.fromkeys(i for i in ids if i is not None))
-        # From here on a client that leaves cancels the listing (and the batches it started).
-        ctx.watch()
         fresh: list[Composite] = []
         lookups = await self._lookups(ctx, unique, fresh)
         _account(ctx, fresh)
@@ -120,20 +121,32 @@ class ListRunner:
         """Run the listing's own calls; return its ids (None where a value is no valid id) with
         their texts, and how many were past `max`; or the error answer when the ids call failed."""
         assert self.listing.call is not None and self.listing.field is not None
+        call, field = self.listing.call, self.listing.field
         composite = await execute(self.plan, self.sources, params, ctx, ctx.deadline)
-        self.observe(self.plan, composite)
-        composite, status, body = answer(self.plan, composite)
-        if status != 200:
-            return status, [JSON_TYPE, (b"cache-control", b"no-store")], body
-        value = composite.results[self.listing.call].value
-        field = self.listing.field
-        if isinstance(value, Mapping):
-            inner = value.get(field)
-            raw = inner if isinstance(inner, list) else [inner]
+        value = composite.results[call].value if call in composite.results else None
+        if isinstance(value, Mapping) and isinstance(value.get(field), list):
+            raw = value[field]
         elif isinstance(value, list):
             raw = [v.get(field) if isinstance(v, Mapping) else None for v in value]
         else:
-            raw = []
+            raw = None
+        if raw is None and call in composite.results and composite.results[call].outcome == "ok":
+            # An answer that holds no list of ids is the ids call's error, never an empty page.
+            results = dict(composite.results)
+            results[call] = CallResult("error", None, results[call].ms, "no list of ids")
+            composite = Composite(results, None)
+        if composite.failed is None and composite.results[call].outcome != "ok":
+            # Without its ids a listing has nothing to show: the ids call is always required.
+            composite = Composite(composite.results, call)
+        self.observe(self.plan, composite)
+        composite, status, body = answer(self.plan, composite)
+        if status != 200 or raw is None:
+            headers = [
+                JSON_TYPE,
+                (b"x-gateway-complete", b"false"),
+                (b"cache-control", b"no-store"),
+            ]
+            return status, headers, body
         found: list[tuple[Any, str]] = []
         for v in raw[: self.listing.max]:
             if isinstance(v, str | int | float) and not isinstance(v, bool):
@@ -250,8 +263,8 @@ class _Gathering:
 
     A lookup that misses hands its compute here. The misses are computed together once every
     lookup has either missed or ended (a hit, a stale copy, another request's answer), or
-    `GATHER_WINDOW_S` after the first miss when some lookup is still waiting for another
-    request's fan-out: a miss after that starts a batch of its own. A compute asked outside the
+    `GATHER_WINDOW_S` after the first miss, whichever comes first: a miss after that starts a
+    batch of its own. A compute asked outside the
     lookup's own task (a background refresh of a stale item) runs on its own, as the item
     endpoint's would.
     """
@@ -315,7 +328,14 @@ class _Gathering:
     async def _run(self, pending: dict[Any, asyncio.Future[Entry]]) -> None:
         try:
             ids = sorted(pending, key=self.order.__getitem__)  # in the listing's order
-            entries = await self.owner.batch.run(self.ctx, ids, self.ends, self.fresh)
+
+            def done(i: Any, entry: Entry) -> None:
+                # Each item as soon as it is made: its lookup stores it and lets its followers
+                # go without waiting for the batch's slowest item.
+                if not pending[i].done():
+                    pending[i].set_result(entry)
+
+            entries = await self.owner.batch.run(self.ctx, ids, self.ends, self.fresh, done)
         except Exception as exc:  # a bug: each waiting lookup raises it
             for future in pending.values():
                 if not future.done():

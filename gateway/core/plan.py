@@ -63,6 +63,8 @@ class BatchPlan:
     rows: bool
     """Whether each item's value is the list of its elements (a sql call without `one`), rather
     than its first element."""
+    timeout: float | None = None
+    """Seconds one batch request may take; None: the call's own timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +253,9 @@ def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointCo
             call.batch.key,
             call.batch.max,
             rows=kind.kind == "sql" and not call.one,
+            timeout=None
+            if call.batch.timeout_ms is None
+            else min(call.batch.timeout_ms, ep.deadline_ms) / 1000,
         )
     return CallPlan(
         name=name,
