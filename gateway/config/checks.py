@@ -97,6 +97,8 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
             break
         if ep.listing is not None:
             found += _check_listing(at, ep, config.endpoints, deps)
+        if ep.shape is not None:
+            found += _check_shape(at, ep)
         if ep.cache:
             for j, tag in enumerate(ep.cache.tags):
                 for ref in templates.parse(tag).refs:
@@ -225,6 +227,42 @@ def _check_listing(
                 "a listing whose ids come from the query has no calls of its own",
             )
         )
+    return found
+
+
+def _check_shape(at: Loc, ep: EndpointConfig) -> list[tuple[Loc, str]]:
+    """Each shaped field reads a call of this endpoint, and a field its `select` keeps."""
+    assert ep.shape is not None
+    if ep.listing is not None:
+        return [((*at, "shape"), "a listing's items take their item endpoint's shape")]
+    found: list[tuple[Loc, str]] = []
+    for name, spec in ep.shape.items():
+        where: Loc = (*at, "shape", name)
+        if name == "_meta" or not name:
+            found.append((where, "_meta is the gateway's own field"))
+            continue
+        path = spec if isinstance(spec, str) else spec.from_
+        if not isinstance(spec, str):
+            where = (*where, "from")
+        segments = path.split(".")
+        if not all(segments):
+            found.append((where, f"{path!r} is a dotted path (product.name, reviews.items.0.text)"))
+            continue
+        call = ep.calls.get(segments[0])
+        if call is None:
+            known = ", ".join(ep.calls) or "none"
+            found.append(
+                (where, f"{segments[0]!r} names no call of this endpoint (calls: {known})")
+            )
+        elif call.select is not None and len(segments) > 1 and not segments[1].isdigit():
+            if segments[1] not in call.select:
+                found.append(
+                    (
+                        where,
+                        f"{segments[0]} keeps only {', '.join(call.select)} (its select): "
+                        f"it has no field {segments[1]!r}",
+                    )
+                )
     return found
 
 

@@ -74,6 +74,10 @@ class CallConfig(Model):
     timeout_ms: Millis | None = None
     forward_headers: tuple[HeaderName, ...] = ()
     batch: BatchConfig | None = None
+    max_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    """A sql call's result may hold this many rows; more is that call's `error`."""
+    ignore_upstream_cache_control: bool = False
+    """Whether this call's upstream `Cache-Control` is ignored for the composite's caching."""
 
     @property
     def has_fallback(self) -> bool:
@@ -95,6 +99,17 @@ class EndpointCache(Model):
     allow_client_bypass: bool = False
     tags: tuple[str, ...] = ()
     vary: tuple[HeaderName, ...] = ()
+
+
+class ShapeField(Model):
+    """One field of a shaped document: the dotted path it reads, and its value when missing."""
+
+    from_: str = Field(alias="from", min_length=1, max_length=500)
+    default: Any = None
+
+    @property
+    def has_default(self) -> bool:
+        return "default" in self.model_fields_set
 
 
 class ListIds(Model):
@@ -134,6 +149,9 @@ class EndpointConfig(Model):
     cache: EndpointCache | None = None
     calls: dict[str, CallConfig] = Field(default_factory=dict)
     listing: ListConfig | None = Field(default=None, alias="list")
+    shape: dict[str, str | ShapeField] | None = None
+    """The document field by field (`title: product.name`); without it, each call's result
+    sits under its call's name."""
 
     @field_validator("path")
     @classmethod

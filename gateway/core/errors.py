@@ -14,6 +14,15 @@ class SourceError(Exception):
     outcome: ClassVar[Outcome] = "error"
 
 
+def reason_of(exc: SourceError) -> str:
+    """Return why a call failed, short, for the access line and `/admin/sources`: the error's
+    message without the `source: ` prefix the adapters give it."""
+    text = str(exc)
+    head, sep, rest = text.partition(": ")
+    reason = rest if sep and " " not in head else text
+    return reason[:200] or exc.outcome
+
+
 class SourceTimeout(SourceError):
     """The call did not finish within its timeout or the endpoint deadline."""
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.core.context import RequestContext
-from gateway.core.errors import SourceError
+from gateway.core.errors import SourceError, reason_of
 from gateway.core.plan import CallPlan, EndpointPlan
 from gateway.core.templates import Unrenderable
 from gateway.core.types import Call, Outcome, Source
@@ -19,7 +19,8 @@ from gateway.core.types import Call, Outcome, Source
 # __init__ costs three times as much), treated as immutable all the same.
 @dataclass(slots=True)
 class CallResult:
-    """What one call produced: its outcome, its value (when ok) and how long it took."""
+    """What one call produced: its outcome, its value (when ok), how long it took, and why it
+    has no value (`detail`: a short reason, `HTTP 503`, `connect refused`...)."""
 
     outcome: Outcome
     value: Any
@@ -140,11 +141,22 @@ async def _run_call(
             for raw, name in cp.forward
             if raw in request_headers
         }
-    call = Call(cp.source, cp.name, target, args, cp.timeout, deadline, cp.one, request_id, headers)
+    call = Call(
+        cp.source,
+        cp.name,
+        target,
+        args,
+        cp.timeout,
+        deadline,
+        cp.one,
+        request_id,
+        headers,
+        cp.max_rows,
+    )
     try:
         value = await source(call)
     except SourceError as exc:
-        return CallResult(exc.outcome, None, (time.perf_counter() - t0) * 1000, str(exc))
+        return CallResult(exc.outcome, None, (time.perf_counter() - t0) * 1000, reason_of(exc))
     if cp.select is not None:
         value = _select(value, cp.select)
     return CallResult("ok", value, (time.perf_counter() - t0) * 1000)

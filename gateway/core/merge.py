@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from gateway.core.executor import Composite
-from gateway.core.plan import EndpointPlan
+from gateway.core.plan import EndpointPlan, ShapedField
 from gateway.core.types import Outcome
 
 # What a failed required call means for the whole answer.
@@ -23,7 +23,8 @@ STATUS_OF_OUTCOME: dict[Outcome, int] = {
 
 
 def merge(plan: EndpointPlan, composite: Composite) -> dict[str, Any]:
-    """Return the response document: each call's result or fallback by name, then `_meta`."""
+    """Return the response document: each call's result or fallback by name (or the fields of
+    its `shape`), then `_meta`."""
     doc: dict[str, Any] = {}
     failed: dict[str, Outcome] = {}
     for cp in plan.calls:
@@ -34,7 +35,34 @@ def merge(plan: EndpointPlan, composite: Composite) -> dict[str, Any]:
         failed[cp.name] = result.outcome
         if not cp.omit:
             doc[cp.name] = cp.fallback
+    if plan.shape is not None:
+        doc = _shaped(plan.shape, doc)
     doc["_meta"] = {"complete": not failed, "sources": failed}
+    return doc
+
+
+_MISSING = object()
+
+
+def _shaped(fields: tuple[ShapedField, ...], values: dict[str, Any]) -> dict[str, Any]:
+    """Return the document of a `shape`: each field read from the calls' values (results or
+    fallbacks) by its path; one that finds nothing takes its default, or is left out."""
+    doc: dict[str, Any] = {}
+    for f in fields:
+        value = values.get(f.call, _MISSING)
+        for step in f.path:
+            if type(step) is int:
+                value = value[step] if isinstance(value, list) and step < len(value) else _MISSING
+            elif isinstance(value, dict):
+                value = value.get(step, _MISSING)
+            else:
+                value = _MISSING
+            if value is _MISSING:
+                break
+        if value is not _MISSING:
+            doc[f.name] = value
+        elif f.has_default:
+            doc[f.name] = f.default
     return doc
 
 

@@ -21,6 +21,7 @@ from gateway.config.schema import (
     EndpointConfig,
     GatewayConfig,
     PropagationConfig,
+    ShapeField,
 )
 from gateway.core import templates
 from gateway.core.types import Source, Upstream
@@ -81,6 +82,18 @@ class ListingPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class ShapedField:
+    """One field of a shaped document: the call it reads, the path into its value (a list
+    index is an int), and its default when the path finds nothing (none: left out)."""
+
+    name: str
+    call: str
+    path: tuple[str | int, ...]
+    has_default: bool
+    default: Any
+
+
+@dataclass(frozen=True, slots=True)
 class CallPlan:
     """One call, ready to run: what it waits for, how it renders, what it falls back to."""
 
@@ -99,6 +112,8 @@ class CallPlan:
     """Request headers copied to the call: (lower-case name as the server gives it, name)."""
     batch: BatchPlan | None = None
     """How a listing asks for this call's results of many items at once, if it can."""
+    max_rows: int = 1000
+    ignore_upstream_cache_control: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +140,8 @@ class EndpointPlan:
     """Seconds kept from the deadline for the cache write after the fan-out (0 uncached)."""
     listing: ListingPlan | None = None
     """Set on a listing: where its ids come from and which endpoint builds its items."""
+    shape: tuple[ShapedField, ...] | None = None
+    """The document's fields, when the endpoint declares `shape`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +253,17 @@ def build_plan(
         personal=any(raw in PERSONAL_HEADERS for cp in calls for raw, _ in cp.forward),
         cache_reserve=(cache or CacheConfig()).op_timeout_ms / 1000 if ep.cache else 0.0,
         listing=listing,
+        shape=None if ep.shape is None else tuple(_shaped(n, f) for n, f in ep.shape.items()),
     )
+
+
+def _shaped(name: str, spec: str | ShapeField) -> ShapedField:
+    path = spec if isinstance(spec, str) else spec.from_
+    call, *rest = path.split(".")
+    steps = tuple(int(p) if p.isdigit() else p for p in rest)
+    if isinstance(spec, str):
+        return ShapedField(name, call, steps, False, None)
+    return ShapedField(name, call, steps, spec.has_default, spec.default)
 
 
 def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointConfig) -> CallPlan:
@@ -271,6 +298,8 @@ def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointCo
         task_name=f"call:{name}",
         forward=tuple((h.lower().encode("latin-1"), h) for h in call.forward_headers),
         batch=batch,
+        max_rows=call.max_rows,
+        ignore_upstream_cache_control=call.ignore_upstream_cache_control,
     )
 
 

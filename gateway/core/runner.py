@@ -119,8 +119,12 @@ class Runner:
             calls: dict[str, Any] = {}
             parts = []
             for n, r in fresh[0].results.items():
-                calls[n] = {"outcome": r.outcome, "ms": round(r.ms, 1)}
-                desc = "" if r.outcome == "ok" else f';desc="{r.outcome}"'
+                if r.outcome == "ok":
+                    calls[n] = {"outcome": r.outcome, "ms": round(r.ms, 1)}
+                    desc = ""
+                else:
+                    calls[n] = {"outcome": r.outcome, "ms": round(r.ms, 1), "reason": r.detail}
+                    desc = f';desc="{r.outcome}"'
                 parts.append(f"{n}{desc};dur={r.ms:.1f}")
             ctx.calls = calls
             timing = ", ".join(parts).encode()

@@ -43,6 +43,8 @@ class Call:
     one: bool = False
     request_id: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
+    max_rows: int = 1000
+    """SQL: the most rows the result may hold; a larger result is the call's error."""
 
 
 Source = Callable[[Call], Awaitable[JSON]]

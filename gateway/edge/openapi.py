@@ -82,8 +82,11 @@ _VALIDATION = {
 
 
 def _document(plan: EndpointPlan) -> dict[str, Any]:
-    calls: dict[str, Any] = {cp.name: {} for cp in plan.calls}
-    return {"type": "object", "properties": {**calls, "_meta": _META}, "required": ["_meta"]}
+    if plan.shape is not None:
+        fields: dict[str, Any] = {f.name: {} for f in plan.shape}
+    else:
+        fields = {cp.name: {} for cp in plan.calls}
+    return {"type": "object", "properties": {**fields, "_meta": _META}, "required": ["_meta"]}
 
 
 def _failures(error: dict[str, Any]) -> dict[str, Any]:
