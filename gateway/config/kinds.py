@@ -33,15 +33,20 @@ class HttpPool(Model):
     """Keep-alive connection pool limits of an HTTP source."""
 
     max: Annotated[int, Field(ge=1, le=10_000)] = 100
+    """The most connections open to the upstream at once."""
     keepalive_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """How long an idle connection is kept open, in seconds."""
 
 
 class SqlPool(Model):
     """Connection pool limits of a SQL source."""
 
     min: Annotated[int, Field(ge=0, le=1000)] = 1
+    """Connections the pool opens when it starts (MySQL and PostgreSQL)."""
     max: Annotated[int, Field(ge=1, le=1000)] = 10
+    """The most connections open at once (SQLite: at most 4)."""
     recycle_s: Annotated[int, Field(ge=1)] = 3600
+    """A connection this many seconds old (or idle, on PostgreSQL) is replaced."""
 
     @model_validator(mode="after")
     def _min_le_max(self) -> SqlPool:
@@ -53,13 +58,23 @@ class SqlPool(Model):
 class HttpSourceConfig(SourceModel):
     """An HTTP/JSON upstream service."""
 
-    kind: Literal["http"]
-    base_url: str
+    kind: Literal["http"] = Field(examples=["http"])
+    """`http`: an HTTP/JSON upstream service."""
+    base_url: str = Field(examples=["http://127.0.0.1:9101", "${PRICING_URL}"])
+    """The upstream's address, `http(s)://host[:port][/prefix]` with no query; each call's path
+    is appended to it."""
     client: Literal["aiohttp", "httpx"] = "aiohttp"
+    """`aiohttp` (a fast keep-alive pool) or `httpx` (which allows `http2: true`)."""
     http2: bool = False
-    headers: dict[str, str] = Field(default_factory=dict)
+    """Whether calls speak HTTP/2 (needs `client: httpx`)."""
+    headers: dict[str, str] = Field(
+        default_factory=dict, examples=[{"Authorization": "Bearer ${PRICING_TOKEN}"}]
+    )
+    """Headers sent on every call; their values are secrets, never logged or shown."""
     max_bytes: Annotated[int, Field(ge=1)] = 1_048_576
-    pool: HttpPool = HttpPool()
+    """A larger body (counted as decoded) is that call's `error`."""
+    pool: HttpPool = Field(default=HttpPool(), examples=[{"max": 100, "keepalive_s": 30}])
+    """The keep-alive connection pool."""
 
     @field_validator("base_url")
     @classmethod
@@ -81,10 +96,16 @@ class HttpSourceConfig(SourceModel):
 class SqlSourceConfig(SourceModel):
     """A SQL database, by its DSN's scheme: one of the `sql` rows of `KINDS`."""
 
-    kind: Literal["sql"]
-    dsn: str
-    pool: SqlPool = SqlPool()
+    kind: Literal["sql"] = Field(examples=["sql"])
+    """`sql`: a database, of the DSN's scheme."""
+    dsn: str = Field(examples=["mysql://root@127.0.0.1:3306/catalog", "${CATALOG_DSN}"])
+    """The database: `mysql://user:pass@host:port/db`, `postgresql://user:pass@host:port/db` or
+    `sqlite:///path.db`."""
+    pool: SqlPool = Field(default=SqlPool(), examples=[{"min": 2, "max": 20}])
+    """The connection pool."""
     hedge: None = None
+    """Not for sql sources: a hedged query would run twice on the database just when it is
+    slow."""
 
     @field_validator("hedge", mode="before")
     @classmethod

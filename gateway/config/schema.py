@@ -22,7 +22,9 @@ class PropagationConfig(Model):
     """The headers that carry the request id and the remaining budget to HTTP upstreams."""
 
     request_id_header: str = "X-Request-ID"
+    """The header that carries the request id to HTTP upstreams."""
     deadline_header: str = "X-Request-Deadline-Ms"
+    """The header that carries the milliseconds left before the endpoint's deadline."""
 
     @field_validator("request_id_header", "deadline_header")
     @classmethod
@@ -51,11 +53,18 @@ class BatchConfig(Model):
     item; `max` splits a batch into chunks that run concurrently.
     """
 
-    path: str | None = None
-    query: str | dict[str, str] | None = None
-    key: Annotated[str, Field(min_length=1, max_length=100)]
+    path: str | None = Field(default=None, examples=["/prices", "/prices/{id*}"])
+    """(http) The path of the request for many items."""
+    query: str | dict[str, str] | None = Field(
+        default=None,
+        examples=[{"ids": "{id*}"}, "SELECT id, name FROM products WHERE id IN %(id*)s"],
+    )
+    """(http) Query values of the request for many items; (sql) the query for many ids."""
+    key: Annotated[str, Field(min_length=1, max_length=100)] = Field(examples=["product_id"])
+    """The field of each returned element (or row) that names its item."""
     max: Annotated[int, Field(ge=1, le=1000)] = 100
-    timeout_ms: Millis | None = None
+    """Ids per request; more make several requests, sent concurrently."""
+    timeout_ms: Millis | None = Field(default=None, examples=[500])
     """One batch request's timeout (a batch may take longer than one item); default: the
     call's own."""
 
@@ -63,17 +72,42 @@ class BatchConfig(Model):
 class CallConfig(Model):
     """One call of an endpoint: which source, what to ask, and what to do when it fails."""
 
-    source: str
-    path: str | None = None
-    query: str | dict[str, str] | None = None
-    args: dict[str, str] = Field(default_factory=dict)
+    source: str = Field(examples=["catalog"])
+    """The name of the source this call asks (a key of `sources`)."""
+    path: str | None = Field(default=None, examples=["/prices/{id}"])
+    """(http) The URL path template; each value is percent-encoded as one segment part."""
+    query: str | dict[str, str] | None = Field(
+        default=None,
+        examples=[
+            {"category": "{product.category}"},
+            "SELECT id, name FROM products WHERE id = %(id)s",
+        ],
+    )
+    """(http) Query values, templates allowed; (sql) the SQL text, its `%(name)s`
+    placeholders bound by the driver."""
+    args: dict[str, str] = Field(
+        default_factory=dict, examples=[{"category": "{product.category}"}]
+    )
+    """(sql) Values for placeholders that are not path parameters, templates allowed."""
     one: bool = False
+    """(sql) `true`: the first row as an object (`not_found` when there is none); else the list
+    of rows."""
     required: bool = False
-    fallback: Any = None
-    select: tuple[str, ...] | None = None
-    timeout_ms: Millis | None = None
-    forward_headers: tuple[HeaderName, ...] = ()
-    batch: BatchConfig | None = None
+    """`true`: no answer without this call (404/502/503/504, or a stale copy)."""
+    fallback: Any = Field(default=None, examples=[{"currency": "USD", "amount": None}, "omit"])
+    """An optional call's value when it fails: a value, `null` (the default), or `omit` (leave
+    the key out)."""
+    select: tuple[str, ...] | None = Field(default=None, examples=[["currency", "amount"]])
+    """Keep only these fields of the result (of each item, for a list)."""
+    timeout_ms: Millis | None = Field(default=None, examples=[150])
+    """This call's attempt timeout in ms, instead of its source's."""
+    forward_headers: tuple[HeaderName, ...] = Field(default=(), examples=[["Accept-Language"]])
+    """(http) Request headers copied to this call; on a cached endpoint each must also be in
+    `cache.vary`."""
+    batch: BatchConfig | None = Field(
+        default=None, examples=[{"path": "/prices", "query": {"ids": "{id*}"}, "key": "product_id"}]
+    )
+    """How this call asks for many items at once, when a listing computes them."""
     max_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     """A sql call's result may hold this many rows; more is that call's `error`."""
     ignore_upstream_cache_control: bool = False
@@ -92,20 +126,35 @@ class EndpointCache(Model):
     """How long composite answers of one endpoint are kept."""
 
     ttl_s: Seconds = 60
+    """How long a complete answer is fresh, in seconds."""
     partial_ttl_s: Seconds = 0
+    """How long a partial answer (an optional call failed) is kept, in seconds; 0: never."""
     stale_while_revalidate_s: Seconds = 0
+    """How long past `ttl_s` an answer is still served while one background refresh runs."""
     stale_if_error_s: Seconds = 0
+    """How long past `ttl_s` an answer is served instead of a failed required call's error."""
     not_found_ttl_s: Seconds = 30
+    """How long a 404 (a required call found nothing) is kept, in seconds."""
     allow_client_bypass: bool = False
-    tags: tuple[str, ...] = ()
-    vary: tuple[HeaderName, ...] = ()
+    """Whether a request's `Cache-Control: no-cache` skips the cached answer."""
+    tags: tuple[str, ...] = Field(default=(), examples=[["product:{id}"]])
+    """Tags to purge answers by (`POST /admin/cache/purge`), templates allowed."""
+    vary: tuple[HeaderName, ...] = Field(default=(), examples=[["Accept-Language"]])
+    """Request headers that are part of the cache key and of the `Vary` header."""
 
 
 class ShapeField(Model):
     """One field of a shaped document: the dotted path it reads, and its value when missing."""
 
-    from_: str = Field(alias="from", min_length=1, max_length=500)
-    default: Any = None
+    from_: str = Field(
+        alias="from",
+        min_length=1,
+        max_length=500,
+        examples=["price.amount", "reviews.items.0.text"],
+    )
+    """The dotted path it reads: a call's name, then fields; a number is a list index."""
+    default: Any = Field(default=None, examples=["USD", 0])
+    """Its value when the path leads nowhere; without one, the field is left out."""
 
     @property
     def has_default(self) -> bool:
@@ -117,11 +166,15 @@ class ListIds(Model):
     element of one of the listing's own calls."""
 
     query: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", max_length=100)] | None = (
-        None
+        Field(default=None, examples=["ids"])
     )
-    call: str | None = None
-    field: str | None = None
+    """The query parameter holding the ids, comma-separated or repeated (`?ids=3,1,2`)."""
+    call: str | None = Field(default=None, examples=["page"])
+    """Or: the listing's own call whose result lists the ids."""
+    field: str | None = Field(default=None, examples=["id"])
+    """With `call`: the field of each element that is an id."""
     max: Annotated[int, Field(ge=1, le=1000)] = 48
+    """The most ids one listing fetches."""
 
     @model_validator(mode="after")
     def _one_origin(self) -> ListIds:
@@ -137,19 +190,40 @@ class ListIds(Model):
 class ListConfig(Model):
     """A listing: one item document per id, built as the item endpoint builds it."""
 
-    item: str
-    ids: ListIds
+    item: str = Field(examples=["/products/{id:int}"])
+    """The item endpoint's path, exactly as written there; its one parameter is the id."""
+    ids: ListIds = Field(examples=[{"query": "ids", "max": 48}, {"call": "page", "field": "id"}])
+    """Where the ids come from: a query parameter, or a call and a field."""
 
 
 class EndpointConfig(Model):
     """One aggregated endpoint: a path, a deadline, calls, and its cache; or a listing."""
 
-    path: str
+    path: str = Field(examples=["/products/{id:int}"])
+    """The route, with typed parameters `{name:int|str|float}`."""
     deadline_ms: Millis = 1000
-    cache: EndpointCache | None = None
-    calls: dict[str, CallConfig] = Field(default_factory=dict)
-    listing: ListConfig | None = Field(default=None, alias="list")
-    shape: dict[str, str | ShapeField] | None = None
+    """The whole answer's deadline in ms, retries and hedges included."""
+    cache: EndpointCache | None = Field(
+        default=None, examples=[{"ttl_s": 60, "partial_ttl_s": 5, "stale_while_revalidate_s": 300}]
+    )
+    """How long answers are cached; without it, they are not."""
+    calls: dict[str, CallConfig] = Field(
+        default_factory=dict,
+        examples=[{"price": {"source": "pricing", "path": "/prices/{id}"}}],
+    )
+    """The calls, by name, in the order their results appear in the answer."""
+    listing: ListConfig | None = Field(
+        default=None,
+        alias="list",
+        examples=[{"item": "/products/{id:int}", "ids": {"query": "ids"}}],
+    )
+    """Makes this endpoint a listing: one item document per id."""
+    shape: dict[str, str | ShapeField] | None = Field(
+        default=None,
+        examples=[
+            {"title": "product.name", "currency": {"from": "price.currency", "default": "USD"}}
+        ],
+    )
     """The document field by field (`title: product.name`); without it, each call's result
     sits under its call's name."""
 
@@ -177,20 +251,32 @@ class NearCacheConfig(Model):
     """An in-process tier in front of Redis for the hottest keys, a few seconds at most."""
 
     max_entries: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    """Answers the near tier holds at most."""
     ttl_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+    """How long an answer is held there at most, in seconds."""
 
 
 class CacheConfig(Model):
     """Where composite answers are cached: `redis://`, `redis+cluster://` or `memory://`."""
 
-    url: str = "memory://"
+    url: str = Field(
+        default="memory://", examples=["memory://", "${REDIS_URL:-redis://127.0.0.1:6379/0}"]
+    )
+    """`memory://` (in-process), `redis://`, `rediss://` or `redis+cluster://`."""
     key_prefix: str = "gw:"
+    """Put before every cache key."""
     op_timeout_ms: Millis = 20
+    """One cache operation's timeout in ms: a slow or down cache means uncached answers."""
     memory_max_entries: Annotated[int, Field(ge=1)] = 10_000
+    """(memory://) Answers kept at most."""
     memory_max_bytes: Annotated[int, Field(ge=1)] = 64 * 1024 * 1024
+    """(memory://) Bytes of answers kept at most."""
     compress_min_bytes: Annotated[int, Field(ge=0)] = 4096
+    """Answers of at least this many bytes are stored zlib-compressed."""
     max_entry_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
-    near: NearCacheConfig | None = None
+    """A longer answer is served but not stored, and no longer value is read back."""
+    near: NearCacheConfig | None = Field(default=None, examples=[{"max_entries": 1000, "ttl_s": 1}])
+    """(Redis only) An in-process tier in front of Redis for the hottest keys."""
 
     @field_validator("url")
     @classmethod
@@ -212,11 +298,17 @@ class ServerConfig(Model):
     """How `gateway serve` treats client connections, per process: read when it starts."""
 
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = _LIMITS.max_connections
+    """Open client connections at most; one more is answered 503 and closed."""
     max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = _LIMITS.max_header_bytes
+    """A longer request head is answered 431 and closed."""
     header_timeout_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.header_timeout_s
+    """A request head not complete this long after its first byte is answered 408."""
     body_timeout_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.body_timeout_s
+    """A request body not complete this long after its head is answered 408."""
     keepalive_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.keepalive_s
+    """An idle keep-alive connection is closed after this many seconds."""
     drain_s: Annotated[float, Field(ge=0, le=600)] = _LIMITS.drain_s
+    """On SIGTERM, requests in flight get this long to finish, in seconds."""
 
     def limits(self) -> ConnectionLimits:
         """Return these settings as the edge server takes them."""
@@ -227,8 +319,22 @@ class GatewayConfig(Model):
     """A whole gateway.yaml, parsed and cross-checked."""
 
     version: Literal[1] = 1
-    cache: CacheConfig = CacheConfig()
-    propagation: PropagationConfig = PropagationConfig()
-    server: ServerConfig = ServerConfig()
-    sources: dict[str, SourceConfig]
-    endpoints: list[EndpointConfig]
+    """The config language's version."""
+    cache: CacheConfig = Field(
+        default=CacheConfig(), examples=[{"url": "redis://127.0.0.1:6379/0"}]
+    )
+    """Where composite answers are cached."""
+    propagation: PropagationConfig = Field(
+        default=PropagationConfig(), examples=[{"request_id_header": "X-Correlation-ID"}]
+    )
+    """Which headers tell HTTP upstreams the request id and the remaining budget."""
+    server: ServerConfig = Field(default=ServerConfig(), examples=[{"max_connections": 1024}])
+    """What one client connection may cost `gateway serve`, per process; read when it starts."""
+    sources: dict[str, SourceConfig] = Field(
+        examples=[{"pricing": {"kind": "http", "base_url": "http://127.0.0.1:9101"}}]
+    )
+    """The upstreams, by name."""
+    endpoints: list[EndpointConfig] = Field(
+        examples=[[{"path": "/prices/{id:int}", "calls": {"price": {"source": "pricing"}}}]]
+    )
+    """The aggregated endpoints."""
