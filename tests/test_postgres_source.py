@@ -198,7 +198,7 @@ async def test_values_are_json_ready_as_the_mysql_adapter_gives_them(db: Upstrea
         "opens": "07:08:09",
         "lasts": "-01:02:03",
         "ref": VALUE_ID,
-        "doc": '{"a": [1, 2]}',
+        "doc": {"a": [1, 2]},
         "raw": "/wA=",
         "tags": ["x", "y"],
         "prices": [1.5, 2.0],

@@ -3,6 +3,17 @@
 Parameters are `%(name)s` placeholders bound by the driver (`%%` is a literal percent). Each query
 carries the server's own statement timeout, set from what is left of the call's budget
 (`budgeted`), and a connection interrupted mid-reply is closed, never reused.
+
+Rows are read unbuffered, at most `max_rows + 2` of them; MariaDB is also told to send no more
+than `max_rows + 1` (`sql_select_limit`, unless the query has its own LIMIT), and when more rows
+follow, that unread rest goes with its connection, which is closed.
+
+aiomysql gives bytes exactly for columns of the binary charset (BINARY, VARBINARY, BLOB, BIT),
+whatever the bytes hold, so a `_bin` collation's text stays text; bytes become base64. JSON
+columns become JSON values: MySQL's JSON type by its type code, MariaDB's (LONGTEXT with a
+`json_valid` CHECK) by the table column a result column comes from, learned from
+information_schema.CHECK_CONSTRAINTS once per table for the source's life. JSON built by
+MariaDB's functions, or read through a view, is text.
 """
 
 from __future__ import annotations
@@ -18,10 +29,11 @@ from urllib.parse import unquote, urlsplit
 
 import aiomysql
 import pymysql
+from pymysql.constants import FIELD_TYPE
 
 from gateway.core.errors import SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.types import JSON, Call, Upstream
-from upstreams.sql import SqlSettings, json_result
+from upstreams.sql import SqlSettings, json_result, json_text, too_many
 
 _FLOOR_S = 0.001
 _PING_S = 1.0
@@ -32,6 +44,17 @@ _CONNECT_TIMEOUT_S = 5.0
 _TIMEOUT_CODES = frozenset({1969, 3024})
 # The pool could not open a connection: refused, unknown host, too many, denied, no such database.
 _CONNECT_CODES = frozenset({2002, 2003, 2005, 1040, 1044, 1045, 1049, 1129, 1130})
+# Text of these types may be a MariaDB JSON column (LONGTEXT; the wire says BLOB for all TEXTs).
+_TEXT_BLOBS = frozenset(
+    {FIELD_TYPE.TINY_BLOB, FIELD_TYPE.MEDIUM_BLOB, FIELD_TYPE.LONG_BLOB, FIELD_TYPE.BLOB}
+)
+_BINARY_CHARSET = 63
+_JSON_CHECKS = (
+    "SELECT CONSTRAINT_NAME AS col FROM information_schema.CHECK_CONSTRAINTS "
+    "WHERE CONSTRAINT_SCHEMA = %(db)s AND TABLE_NAME = %(table)s "
+    "AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)')"
+)
+_KNOWN_TABLES = 1024
 
 
 @contextmanager
@@ -63,6 +86,8 @@ async def mysql_source(name: str, cfg: SqlSettings) -> Upstream:
         # so requests get partial answers and /readyz says why instead of the gateway not starting.
         pool = aiomysql.Pool(echo=False, loop=asyncio.get_running_loop(), **options)
     wakeups: set[asyncio.Task[None]] = set()
+    # The JSON columns of each MariaDB table a result came from, by (database, table).
+    json_columns: dict[tuple[str, str], frozenset[str]] = {}
 
     async def call(call: Call) -> JSON:
         loop = asyncio.get_running_loop()
@@ -71,16 +96,28 @@ async def mysql_source(name: str, cfg: SqlSettings) -> Upstream:
             async with _borrow(pool, wakeups) as conn:
                 # Measured after acquiring: waiting for a connection spends the same budget.
                 budget = max(ends - loop.time(), _FLOOR_S)
-                sql = budgeted(call.target, budget, conn.get_server_info())
-                rows = await _mysql_rows(conn, sql, dict(call.params))
-        return json_result(name, rows, call.one)
+                sql = budgeted(call.target, budget, conn.get_server_info(), call.max_rows + 1)
+                rows, fields, ended = await _mysql_rows(conn, sql, dict(call.params), call.max_rows)
+                if not ended:
+                    # The rest is never read: it goes with the connection `_borrow` closes.
+                    raise too_many(name, call.max_rows)
+                json_keys = (
+                    await _json_keys(conn, fields, json_columns)
+                    if rows and len(rows) <= call.max_rows
+                    else []
+                )
+        for key in json_keys:
+            for row in rows:
+                if row[key] is not None:
+                    row[key] = json_text(name, key, row[key])
+        return json_result(name, rows, call.one, call.max_rows)
 
     async def ping() -> None:
         try:
             async with asyncio.timeout(_PING_S):
                 with map_errors(name):
                     async with _borrow(pool, wakeups) as conn:
-                        await _mysql_rows(conn, "SELECT 1", None)
+                        await _mysql_rows(conn, "SELECT 1", None, 1)
         except TimeoutError as exc:
             raise SourceTimeout(f"{name}: no answer to SELECT 1 within {_PING_S:g} s") from exc
 
@@ -95,17 +132,19 @@ async def mysql_source(name: str, cfg: SqlSettings) -> Upstream:
     return Upstream(call=call, close=close, ping=ping, pool_stats=pool_stats)
 
 
-def budgeted(sql: str, budget_s: float, server_version: str) -> str:
+def budgeted(sql: str, budget_s: float, server_version: str, rows: int | None = None) -> str:
     """Return `sql` made to stop within `budget_s` on the server itself, per its version string.
 
-    MariaDB (10.1.2 and later): `SET STATEMENT max_statement_time=... FOR`. MySQL (5.7.8 and
-    later, which has no `SET STATEMENT`): the `MAX_EXECUTION_TIME` optimizer hint, which MySQL
-    applies to a top-level SELECT only. Anything else goes as it is: the call's own timeout
-    still ends it on our side (and closes its connection).
+    MariaDB (10.1.2 and later): `SET STATEMENT max_statement_time=... FOR`, which also caps a
+    top-level SELECT at `rows` rows (`sql_select_limit`; the query's own LIMIT wins). MySQL
+    (5.7.8 and later, which has no `SET STATEMENT`): the `MAX_EXECUTION_TIME` optimizer hint,
+    which MySQL applies to a top-level SELECT only. Anything else goes as it is: the call's own
+    timeout still ends it on our side (and closes its connection).
     """
     flavour = _flavour(server_version)
     if flavour == "mariadb":
-        return f"SET STATEMENT max_statement_time={budget_s:.3f} FOR {sql}"
+        limit = "" if rows is None else f", sql_select_limit={rows}"
+        return f"SET STATEMENT max_statement_time={budget_s:.3f}{limit} FOR {sql}"
     if flavour == "mysql":
         select = _SELECT.match(sql)
         if select is not None:
@@ -176,12 +215,57 @@ async def _borrow(pool: Any, wakeups: set[asyncio.Task[None]]) -> AsyncIterator[
             task.add_done_callback(wakeups.discard)
 
 
-async def _mysql_rows(conn: Any, sql: str, params: dict[str, Any] | None) -> list[dict[str, Any]]:
-    cur = await conn.cursor(aiomysql.DictCursor)
+async def _mysql_rows(
+    conn: Any, sql: str, params: dict[str, Any] | None, most: int
+) -> tuple[list[dict[str, Any]], list[Any], bool]:
+    """Return up to `most + 1` rows, read unbuffered, the result's pymysql field descriptors,
+    and whether the result ended there; when it did not, the rest is left unread (and the
+    connection cannot take another query)."""
+    cur = await conn.cursor(aiomysql.SSDictCursor)
     await cur.execute(sql, params)
-    rows = await cur.fetchall()
+    # Private, like pool._wakeup: the cursor's description has no charset and no origin table.
+    result = cur._result
+    fields = list(result.fields) if result is not None and result.fields else []
+    rows = list(await cur.fetchmany(most + 1))
+    # One more than `most` may be all there is (MariaDB's sql_select_limit stops there).
+    if len(rows) > most and await cur.fetchone() is not None:
+        return rows, fields, False
     await cur.close()
-    return list(rows)
+    return rows, fields, True
+
+
+async def _json_keys(
+    conn: Any, fields: list[Any], known: dict[tuple[str, str], frozenset[str]]
+) -> list[str]:
+    """Return the keys of a result's JSON columns: MySQL's JSON type, and MariaDB text columns of
+    a table whose `json_valid` CHECK makes them JSON (asked once per table, then remembered)."""
+    keys: list[str] = []
+    names: list[str] = []
+    for field in fields:
+        # The row's key, as aiomysql's DictCursor names a column whose name came before.
+        key = f"{field.table_name}.{field.name}" if field.name in names else field.name
+        names.append(key)
+        if field.type_code == FIELD_TYPE.JSON:
+            keys.append(key)
+        elif (
+            field.type_code in _TEXT_BLOBS
+            and field.charsetnr != _BINARY_CHARSET
+            and field.org_table
+            and field.org_name
+        ):
+            db = field.db.decode() if isinstance(field.db, bytes) else field.db  # pymysql: bytes
+            table = (db, field.org_table)
+            columns = known.get(table)
+            if columns is None:
+                if len(known) >= _KNOWN_TABLES:
+                    known.clear()
+                cur = await conn.cursor()
+                await cur.execute(_JSON_CHECKS, {"db": db, "table": field.org_table})
+                columns = known[table] = frozenset(col for (col,) in await cur.fetchall())
+                await cur.close()
+            if field.org_name in columns:
+                keys.append(key)
+    return keys
 
 
 def _code(exc: pymysql.err.MySQLError) -> int:

@@ -5,14 +5,17 @@ loads, by `positional`) and its parameters in that order, bound by the driver. B
 the session's `statement_timeout` is set to what is left of the call's budget (rounded up to 10
 ms, and only when the session's differs), so the server stops a query our side gave up on; a call
 cancelled mid-flight has asyncpg send the server a cancel request, and its connection goes back
-to the pool only once that cancel is done. Values
-come out as the MySQL adapter gives them (`upstreams.sql.json_value`), plus UUID and network
-addresses as text and arrays as lists; JSON columns are text, as aiomysql gives them.
+to the pool only once that cancel is done. At most `max_rows + 1` rows are read: the
+server stops there (asyncpg's fetch with a row limit, the one private asyncpg name used). Values
+come out as the MySQL adapter gives them (`upstreams.sql.json_value`: bytea as base64), plus
+UUID and network addresses as text, arrays as lists, and json/jsonb as JSON values (decoded by
+a codec each connection gets; a text parameter bound to a json column is sent as it is).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 import re
@@ -23,10 +26,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
+import orjson
 
 from gateway.core.errors import SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.types import JSON, Call, Upstream
-from upstreams.sql import SqlSettings, json_result, json_value
+from upstreams.sql import SqlSettings, json_result, json_text, json_value, too_many
 
 _PING_S = 1.0
 _STEP_MS = 10
@@ -76,10 +80,17 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
     # statement_timeout each pooled session has (by backend pid); a new session forgets its pid's.
     limits: dict[int, int] = {}
 
-    async def _forget(conn: asyncpg.Connection) -> None:
+    async def _start(conn: asyncpg.Connection) -> None:
         limits.pop(conn.get_server_pid(), None)
+        for json_type in ("json", "jsonb"):
+            # Built-in types: asyncpg sets the codec without asking the server. A decoder's
+            # error reaches the caller as it is: BadPayload, not a driver error.
+            decode = functools.partial(json_text, name, json_type)
+            await conn.set_type_codec(
+                json_type, schema="pg_catalog", encoder=_json_param, decoder=decode
+            )
 
-    options["init"] = _forget
+    options["init"] = _start
     try:
         pool = await asyncpg.create_pool(min_size=cfg.pool.min, **options)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -101,11 +112,16 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
                     limits.pop(pid, None)  # unknown until the server has said yes
                     await conn.execute(f"SET statement_timeout = {ms}")
                     limits[pid] = ms
-                rows = await conn.fetch(call.target, *call.params.values())
+                # `fetch` with a row limit; the server stops after it (its portal is suspended).
+                rows = await conn._execute(
+                    call.target, list(call.params.values()), call.max_rows + 1, None
+                )
         finally:
             # Shielded by asyncpg; after a cancel it waits for the server to confirm it.
             await pool.release(conn)
-        return json_result(name, [_json_row(r) for r in rows], call.one)
+        if len(rows) > call.max_rows:
+            raise too_many(name, call.max_rows)
+        return json_result(name, [_json_row(r) for r in rows], call.one, call.max_rows)
 
     async def ping() -> None:
         try:
@@ -128,6 +144,11 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
         return {"size": size, "in_use": size - free, "free": free, "max": pool.get_max_size()}
 
     return Upstream(call=call, close=close, ping=ping, pool_stats=pool_stats)
+
+
+def _json_param(value: Any) -> str:
+    """Return a value bound to a json/jsonb parameter as JSON text (text is taken as JSON)."""
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
 async def _keep(conn: asyncpg.Connection) -> None:

@@ -2,7 +2,10 @@
 
 Parameters are `%(name)s` placeholders, rewritten once to SQLite's `:name` (and `%%` to `%`) and
 bound by the driver. A cancelled call interrupts its statement in aiosqlite's thread, and its
-connection takes the next statement only once that one has really ended.
+connection takes the next statement only once that one has really ended. At most `max_rows + 1`
+rows are read (`fetchmany`); the rest of a larger result is never computed. BLOB values come out
+as base64, TEXT as text; SQLite has no JSON type, and a row does not carry its column's declared
+type, so JSON stored in SQLite stays text.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import aiosqlite
 from gateway.core import templates
 from gateway.core.errors import SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.types import JSON, Call, Upstream
-from upstreams.sql import SqlSettings, json_result
+from upstreams.sql import SqlSettings, json_result, too_many
 
 _PING_S = 1.0
 
@@ -83,15 +86,19 @@ async def _sqlite_upstream(name: str, dsn: str, size: int) -> Upstream:
     async def call(call: Call) -> JSON:
         conn, lock = slot()
         with map_errors(name):
-            rows = await _sqlite_rows(conn, lock, _sqlite_sql(call.target), dict(call.params))
-        return json_result(name, rows, call.one)
+            rows = await _sqlite_rows(
+                conn, lock, _sqlite_sql(call.target), dict(call.params), call.max_rows + 1
+            )
+        if len(rows) > call.max_rows:
+            raise too_many(name, call.max_rows)
+        return json_result(name, rows, call.one, call.max_rows)
 
     async def ping() -> None:
         conn, lock = slot()
         try:
             async with asyncio.timeout(_PING_S):
                 with map_errors(name):
-                    await _sqlite_rows(conn, lock, "SELECT 1", {})
+                    await _sqlite_rows(conn, lock, "SELECT 1", {}, 1)
         except TimeoutError as exc:
             raise SourceTimeout(f"{name}: no answer to SELECT 1 within {_PING_S:g} s") from exc
 
@@ -118,11 +125,12 @@ def _sqlite_sql(sql: str) -> str:
 
 
 async def _sqlite_rows(
-    conn: aiosqlite.Connection, lock: asyncio.Lock, sql: str, params: dict[str, Any]
+    conn: aiosqlite.Connection, lock: asyncio.Lock, sql: str, params: dict[str, Any], most: int
 ) -> list[dict[str, Any]]:
+    """Return the first `most` rows of `sql`'s result."""
     await lock.acquire()
     try:
-        work = asyncio.ensure_future(conn.execute_fetchall(sql, params))
+        work = asyncio.ensure_future(_fetch(conn, sql, params, most))
     except BaseException:
         lock.release()
         raise
@@ -135,6 +143,13 @@ async def _sqlite_rows(
         await conn.interrupt()  # stops the statement in aiosqlite's thread; does not suspend
         raise
     return [dict(zip(row.keys(), row, strict=True)) for row in rows]
+
+
+async def _fetch(
+    conn: aiosqlite.Connection, sql: str, params: dict[str, Any], most: int
+) -> list[sqlite3.Row]:
+    async with conn.execute(sql, params) as cursor:
+        return list(await cursor.fetchmany(most))
 
 
 def _unlock(lock: asyncio.Lock, work: asyncio.Future[Any]) -> None:

@@ -45,6 +45,8 @@ class CallSpec(Protocol):
     def args(self) -> Mapping[str, str]: ...
     @property
     def one(self) -> bool: ...
+    @property
+    def model_fields_set(self) -> set[str]: ...
 
 
 def http_render(call: CallSpec) -> Render:
@@ -71,7 +73,8 @@ def http_texts(call: CallSpec) -> list[str]:
 
 
 def check_http_call(cat: Loc, call: CallSpec, params: set[str]) -> list[tuple[Loc, str]]:
-    """Return the problems of an http call's fields: a path, a mapping query, no sql fields."""
+    """Return the problems of an http call's fields: a path, a mapping query, no sql fields
+    (`max_rows` only when it was written: its default is the model's)."""
     found: list[tuple[Loc, str]] = []
     if call.path is None:
         found.append(((*cat, "path"), "an http call needs a path"))
@@ -81,6 +84,8 @@ def check_http_call(cat: Loc, call: CallSpec, params: set[str]) -> list[tuple[Lo
         found.append(((*cat, "query"), "an http call's query is a mapping of values"))
     if call.one or call.args:
         found.append(((*cat, "one" if call.one else "args"), "only sql calls take one and args"))
+    if "max_rows" in call.model_fields_set:
+        found.append(((*cat, "max_rows"), "only sql calls take max_rows"))
     return found
 
 
