@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from cache.entry import servable
+from cache.entry import Windows, servable
 
 
 class MemoryStore:
@@ -66,7 +66,7 @@ class MemoryStore:
         return True, await self.get(key)
 
     async def lookup(
-        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+        self, key: str, token: str, hold_s: float, windows: Windows, now: float
     ) -> tuple[bool, bytes | None]:
         """Return the bytes stored under `key`, and whether the lock was taken: only tried when
         they are not an entry `windows` say may be served at `now`."""

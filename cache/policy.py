@@ -3,14 +3,19 @@ the config where the runtime is assembled, so that cache/ never reads the config
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from cache.entry import COMPRESS_MIN_BYTES, MAX_BODY_BYTES, Entry
+from cache.entry import COMPRESS_MIN_BYTES, MAX_BODY_BYTES, Entry, Windows
 
 
 @dataclass(frozen=True, slots=True)
 class CachePolicy:
-    """How long one endpoint's answers are fresh, kept stale, and whether clients may bypass."""
+    """How long one endpoint's answers are fresh, kept stale, and whether clients may bypass.
+
+    An entry's own bounds (`Entry.max_age_s`, `Entry.shared`, from its upstreams' Cache-Control)
+    shorten its freshness below the policy's, never lengthen it; an entry no shared cache may
+    keep is fresh for 0 s, so never stored."""
 
     ttl_s: float
     partial_ttl_s: float
@@ -18,9 +23,10 @@ class CachePolicy:
     stale_if_error_s: float
     not_found_ttl_s: float
     allow_client_bypass: bool
-    windows: tuple[float, float, float] = field(init=False, compare=False)
+    windows: Windows = field(init=False, compare=False)
     """How old a complete, a partial and a not-found entry may be and still be served without a
-    fan-out (fresh, then stale while revalidating): what a store's `lookup` decides by."""
+    fan-out (fresh, then stale while revalidating), and the stale seconds within the first two:
+    what a store's `lookup` decides by (`cache.entry.servable`)."""
 
     def __post_init__(self) -> None:
         swr = self.stale_while_revalidate_s
@@ -28,6 +34,7 @@ class CachePolicy:
             self.ttl_s + swr if self.ttl_s > 0 else 0.0,
             self.partial_ttl_s + swr if self.partial_ttl_s > 0 else 0.0,
             self.not_found_ttl_s,
+            swr,
         )
         object.__setattr__(self, "windows", windows)
 
@@ -37,19 +44,30 @@ class CachePolicy:
         return self.ttl_s > 0 or self.partial_ttl_s > 0 or self.not_found_ttl_s > 0
 
     def ttl_for(self, entry: Entry) -> float:
-        """Return how long `entry` is fresh: 0 for answers that are never stored (5xx)."""
+        """Return how long `entry` is fresh: 0 for answers that are never stored (5xx, or ones
+        no shared cache may keep), at most its own `max_age_s`."""
         if entry.status == 200:
-            return self.ttl_s if entry.complete else self.partial_ttl_s
-        if entry.status == 404:
-            return self.not_found_ttl_s
-        return 0.0
+            ttl = self.ttl_s if entry.complete else self.partial_ttl_s
+        elif entry.status == 404:
+            ttl = self.not_found_ttl_s
+        else:
+            return 0.0
+        if entry.max_age_s < ttl:
+            ttl = entry.max_age_s
+        if entry.no_store or entry.private:
+            return 0.0
+        return ttl
 
     def window_for(self, entry: Entry) -> float:
         """Return how old `entry` may be and still be served without a fan-out (`windows`)."""
         if entry.status == 200:
-            return self.windows[0] if entry.complete else self.windows[1]
+            window = self.windows[0] if entry.complete else self.windows[1]
+            if entry.max_age_s != math.inf:
+                cap = entry.max_age_s
+                window = min(window, cap + self.stale_while_revalidate_s) if cap > 0 else 0.0
+            return window
         if entry.status == 404:
-            return self.windows[2]
+            return min(self.windows[2], entry.max_age_s)
         return 0.0
 
     def keep_for(self, entry: Entry) -> float:

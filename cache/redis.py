@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from cache import redis_clients as clients
 from cache import redis_scripts as scripts
-from cache.entry import stored_limit
+from cache.entry import Windows, stored_limit
 from cache.near import OnPurge
 from cache.store import CacheUnavailable
 
@@ -142,7 +142,7 @@ class RedisStore:
         await self._run("put", spread if self._in_flight is not None else work)
 
     async def lookup(
-        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+        self, key: str, token: str, hold_s: float, windows: Windows, now: float
     ) -> tuple[bool, bytes | None]:
         """Return the entry's bytes (read as `get` reads them) and, only when `windows` say it
         may not be served at `now` (`cache.entry.servable`), whether the lock on `key` was taken
@@ -387,7 +387,7 @@ def _purge_of(data: object) -> tuple[list[str], list[str]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _window_args(windows: tuple[float, float, float]) -> str:
+def _window_args(windows: Windows) -> str:
     # The same few policies every request: their part of the script's argument is written once.
     return ",".join(map(repr, windows))
 

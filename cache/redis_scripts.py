@@ -27,26 +27,35 @@ return {got and 1 or 0, data}
 """
 # A fetch's one round trip before its fan-out: the entry, and the lock only when the entry may
 # not be served as it is. The test is `cache.entry.servable`'s, on the entry's header (magic,
-# version, flags, status, written_at): ARGV[3] is "now,complete,partial,not_found", the caller's
-# clock and the ages each kind of entry may be served at (one argument: each one costs the
-# caller more to send than the server to split). Keep the two in step. LAST_BYTE is the
-# store's: the script is made per store.
+# version, flags, status, written_at and, from version 2 on, its max-age cap, 4294967295 for
+# none): ARGV[3] is "now,complete,partial,not_found,stale", the caller's clock, the ages each
+# kind of entry may be served at and the stale seconds within the first two (one argument:
+# each one costs the caller more to send than the server to split). Keep the two in step.
+# LAST_BYTE is the store's: the script is made per store.
 LOOKUP = """
 local data = redis.call('getrange', KEYS[1], 0, LAST_BYTE)
 if data ~= '' then
   local ok, magic, version, flags, status, written = pcall(struct.unpack, '>c2BBHd', data)
-  if ok and magic == 'GW' and version == 1 then
-    local f = '^([^,]+),([^,]+),([^,]+),([^,]+)$'
-    local now, complete, partial, missing = string.match(ARGV[3], f)
+  if ok and magic == 'GW' and (version == 1 or version == 2) then
+    local cap = 4294967295
+    if version == 2 then
+      local got_cap, value = pcall(struct.unpack, '>I4', data, 15)
+      if got_cap then cap = value else ok = false end
+    end
+    local f = '^([^,]+),([^,]+),([^,]+),([^,]+),([^,]+)$'
+    local now, complete, partial, missing, stale = string.match(ARGV[3], f)
     local window = 0
     if status == 200 then
       if flags % 2 == 1 then window = tonumber(complete) else window = tonumber(partial) end
+      if cap ~= 4294967295 then
+        if cap > 0 then window = math.min(window, cap + tonumber(stale)) else window = 0 end
+      end
     elseif status == 404 then
-      window = tonumber(missing)
+      window = math.min(tonumber(missing), cap)
     end
     local age = tonumber(now) - written
     if age < 0 then age = 0 end
-    if age < window then return {0, data} end
+    if ok and age < window then return {0, data} end
   end
 else
   data = false

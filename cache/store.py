@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from cache.entry import Windows
+
 
 class CacheUnavailable(Exception):
     """The cache backend could not answer in time (down, slow, full); the caller goes uncached."""
@@ -35,7 +37,7 @@ class Store(Protocol):
         ...
 
     async def lookup(
-        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+        self, key: str, token: str, hold_s: float, windows: Windows, now: float
     ) -> tuple[bool, bytes | None]:
         """Return the bytes stored under `key` and, unless they hold an entry that `windows` say
         may be served at `now` (`cache.entry.servable`), take the lock as `acquire` does and say

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cache.composite import CompositeCache
-from cache.entry import Entry, encode, etag_of
+from cache.entry import Entry, Windows, encode, etag_of
 from cache.memory import MemoryStore
 from cache.policy import CachePolicy
 from cache.redis import redis_store
@@ -542,7 +542,7 @@ class FlakyAcquires:
         return await self.inner.acquire(key, token, hold_s)
 
     async def lookup(
-        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+        self, key: str, token: str, hold_s: float, windows: Windows, now: float
     ) -> tuple[bool, bytes | None]:
         self.acquires += 1
         if self.acquires in self.failing:

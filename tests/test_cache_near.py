@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from cache.composite import CompositeCache, open_cache
-from cache.entry import Entry, decode, etag_of
+from cache.entry import Entry, Windows, decode, etag_of
 from cache.near import NearCache, OnPurge
 from cache.policy import CachePolicy, CacheSettings, NearSettings
 from cache.redis import RedisStore, redis_store
@@ -79,7 +79,7 @@ class Counting:
         return await self.inner.acquire(key, token, hold_s)
 
     async def lookup(
-        self, key: str, token: str, hold_s: float, windows: tuple[float, float, float], now: float
+        self, key: str, token: str, hold_s: float, windows: Windows, now: float
     ) -> tuple[bool, bytes | None]:
         self.calls["lookup"] += 1
         return await self.inner.lookup(key, token, hold_s, windows, now)

@@ -12,7 +12,9 @@ from urllib.parse import unquote
 import httpx
 import pytest
 import respx
+from aiohttp import web
 
+from cache.directives import Directed, Directives
 from gateway.core.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable
 from gateway.core.templates import parse
 from gateway.core.types import Call, Upstream
@@ -160,6 +162,36 @@ async def test_failure_status_raises_source_unavailable_with_status(
         await source.call(call("/p"))
     assert info.value.status == status
     assert not info.value.connect
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (("max-age=30",), Directives(max_age_s=30)),
+        (("private", "max-age=5"), Directives(private=True, max_age_s=5)),  # two field lines
+        (("no-store",), Directives(no_store=True)),
+    ],
+)
+async def test_cache_control_comes_back_with_the_value(
+    server: UpstreamServer, source: Upstream, values: tuple[str, ...], expected: Directives
+) -> None:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.json_response({"a": 1})
+        for value in values:
+            resp.headers.add("Cache-Control", value)
+        return resp
+
+    server.route("/p", handle)
+    got = await source.call(call("/p"))
+    assert type(got) is Directed and got.value == {"a": 1} and got.directives == expected
+
+
+@pytest.mark.parametrize("header", [{}, {"Cache-Control": "public"}, {"Cache-Control": "x=1"}])
+async def test_a_value_without_directives_that_count_comes_back_plain(
+    server: UpstreamServer, source: Upstream, header: dict[str, str]
+) -> None:
+    server.route("/p", json_body({"a": 1}, headers=header))
+    assert await source.call(call("/p")) == {"a": 1}
 
 
 async def test_redirect_is_not_followed(server: UpstreamServer, source: Upstream) -> None:

@@ -10,15 +10,23 @@ failure status like any other non-2xx.
 Nothing an upstream answers is ever sent back: neither client keeps cookies (a `Set-Cookie` on
 one client's call would otherwise ride along on every later call of every client). Bodies are
 decompressed by `upstreams.decode`, not by the clients, in bounded slices within `max_bytes`.
+
+Two answer headers count: a 2xx answer's `Cache-Control` (no-store, private, max-age) comes back
+with its value as a `cache.directives.Directed` when it says something, and a 429 or 503's
+`Retry-After` fails the call with `policies.RetryAfter`, which tells the retry policy how long
+to wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 from urllib.parse import quote
@@ -28,10 +36,12 @@ import httpx
 import yarl
 from multidict import CIMultiDict
 
+from cache.directives import Directed, parse_cache_control
 from gateway.core.errors import BadPayload, NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.templates import scalar_text
 from gateway.core.types import JSON, Call, Upstream
 from upstreams.decode import ACCEPT_ENCODING, json_body, read_body
+from upstreams.policies import RetryAfter
 from upstreams.pool_use import PoolUse
 
 
@@ -128,12 +138,13 @@ def _aiohttp_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstre
                 async with session.get(
                     url, headers=_headers(static, call, prop), allow_redirects=False
                 ) as resp:
-                    _check(name, resp.status, resp.content_length, max_bytes)
-                    encoding = ",".join(resp.headers.getall("Content-Encoding", ()))
+                    headers = resp.headers
+                    _check(name, resp.status, resp.content_length, max_bytes, headers)
+                    encoding = ",".join(headers.getall("Content-Encoding", ()))
                     body = await read_body(name, resp.content.iter_any(), max_bytes, encoding)
         finally:
             use.calls -= 1
-        return json_body(name, resp.status, body)
+        return _directed(json_body(name, resp.status, body), headers.getall("Cache-Control", ()))
 
     async def ping() -> None:
         async with _ping_bound(name):
@@ -175,14 +186,15 @@ def _httpx_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstream
             with map_errors(name):
                 async with client.stream("GET", url, headers=_headers(static, call, prop)) as resp:
                     use.saw(resp.extensions.get("network_stream"))
-                    length = resp.headers.get("content-length", "")
+                    headers = resp.headers
+                    length = headers.get("content-length", "")
                     size = int(length) if length.isdigit() else None
-                    _check(name, resp.status_code, size, max_bytes)
-                    encoding = ",".join(resp.headers.get_list("content-encoding"))
+                    _check(name, resp.status_code, size, max_bytes, headers)
+                    encoding = ",".join(headers.get_list("content-encoding"))
                     body = await read_body(name, resp.aiter_raw(), max_bytes, encoding)
         finally:
             use.calls -= 1
-        return json_body(name, resp.status_code, body)
+        return _directed(json_body(name, resp.status_code, body), headers.get_list("cache-control"))
 
     async def ping() -> None:
         async with _ping_bound(name):
@@ -243,14 +255,56 @@ def _headers(static: CIMultiDict[str], call: Call, prop: Propagation) -> CIMulti
     return headers
 
 
-def _check(source: str, status: int, length: int | None, max_bytes: int) -> None:
-    """Raise for a failure status, or for a body declared larger than `max_bytes`."""
+def _check(
+    source: str, status: int, length: int | None, max_bytes: int, headers: Mapping[str, str]
+) -> None:
+    """Raise for a failure status (`RetryAfter` for a 429 or 503 that says when to ask again),
+    or for a body declared larger than `max_bytes`."""
     if status == 404:
         raise NotFound(f"{source}: HTTP 404")
     if not 200 <= status < 300:
+        if status in (429, 503):
+            after = retry_after_s(headers.get("Retry-After"), time.time())
+            if after is not None:
+                raise RetryAfter(f"{source}: HTTP {status}", status=status, after_s=after)
         raise SourceUnavailable(f"{source}: HTTP {status}", status=status)
     if length is not None and length > max_bytes:
         raise BadPayload(f"{source}: body of {length} bytes is over max_bytes ({max_bytes})")
+
+
+MAX_RETRY_AFTER_CHARS = 64
+"""A `Retry-After` longer than this is no value a server sends (an HTTP date is 29): ignored."""
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """Return the seconds a `Retry-After` value asks to wait from `now` (epoch seconds): its
+    delta-seconds, or the time until its HTTP date (0 for a date past); None for no value or
+    one that is neither (a negative number, garbage)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > MAX_RETRY_AFTER_CHARS or not value.isascii():
+        return None
+    if value.isdigit():
+        return float(min(int(value), 2**31))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # `-0000`: RFC 5322's "UTC, source zone unknown"
+    try:
+        return max(0.0, when.timestamp() - now)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _directed(value: JSON, cache_control: Sequence[str]) -> JSON:
+    """Return `value`, with its `Cache-Control` directives when they say something."""
+    if not cache_control:
+        return value
+    directives = parse_cache_control(cache_control)
+    return value if directives is None else Directed(value, directives)
 
 
 @asynccontextmanager

@@ -39,10 +39,19 @@ from gateway.core.errors import (
 from gateway.core.types import JSON, Call, Source
 from upstreams.breaker import Breaker, Clock, Window
 
-__all__ = ["Breaker", "Budget", "Hedge", "Limit", "Retry", "timeout"]
+__all__ = ["Breaker", "Budget", "Hedge", "Limit", "Retry", "RetryAfter", "timeout"]
 
 OnRetry = Callable[[Call, int], None]
 OnHedge = Callable[[Call], None]
+
+
+class RetryAfter(SourceUnavailable):
+    """A failure status (429, 503) whose answer said how many seconds to wait before the next
+    attempt (`Retry-After`): `Retry` waits that long instead of its backoff, or not at all."""
+
+    def __init__(self, message: str, *, status: int, after_s: float) -> None:
+        super().__init__(message, status=status)
+        self.after_s = after_s
 
 
 def timeout(source: Source) -> Source:
@@ -163,8 +172,10 @@ class Retry:
 
     A retry starts only when all of these hold, checked in this order:
     - fewer than `cfg.attempts` attempts were made;
-    - the deadline can hold it: `call.deadline - loop.time() >= backoff + call.timeout`, so a
+    - the deadline can hold it: `call.deadline - loop.time() >= wait + call.timeout`, so a
       retry never starts that would be cut short by the deadline (counted in `refused_deadline`);
+      the wait is the backoff, or the seconds an answer's `Retry-After` asked for (`RetryAfter`),
+      so a source that asks for more time than is left fails the call at once;
     - the source's `Budget` has a retry left (counted in `refused_budget`).
     Otherwise the last error is raised as it is. Backoff is exponential from `backoff_ms`, capped
     at `max_backoff_ms`, with full jitter when `cfg.jitter`. With no retry config, plan.py can
@@ -186,7 +197,7 @@ class Retry:
         self.refused_budget = 0
         backoff = cfg.backoff_ms / 1000
         cap = cfg.max_backoff_ms / 1000
-        wait = (
+        self._backoff = (
             wait_random_exponential(multiplier=backoff, max=cap)
             if cfg.jitter
             else wait_exponential(multiplier=backoff, max=cap)
@@ -195,7 +206,7 @@ class Retry:
         self._retryable = retryable(cfg.on)
         self._retrying = AsyncRetrying(
             stop=self._stop,
-            wait=wait,
+            wait=self._wait,
             retry=retry_if_exception(self._retryable),
             before_sleep=self._before_sleep,
             reraise=True,
@@ -233,6 +244,13 @@ class Retry:
             return await self._retrying.copy()(resume, call)
 
         return retried
+
+    def _wait(self, state: RetryCallState) -> float:
+        # Called before `_stop`, which judges this wait against the deadline.
+        exc = None if state.outcome is None else state.outcome.exception()
+        if isinstance(exc, RetryAfter):
+            return exc.after_s
+        return self._backoff(state)
 
     def _stop(self, state: RetryCallState) -> bool:
         if self._out_of_attempts(state):

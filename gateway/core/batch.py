@@ -15,6 +15,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from cache.directives import Directed
 from cache.entry import Entry, make_entry
 from gateway.core.context import RequestContext
 from gateway.core.errors import BadPayload, NotFound, Unsendable
@@ -103,7 +104,7 @@ class Batch:
         composite, status, body = answer(self.plan, composite)
         fresh.append(composite)
         self.observe(self.plan, composite)
-        return make_entry(status, body, status == 200 and composite.complete)
+        return make_entry(status, body, status == 200 and composite.complete, composite.directives)
 
 
 class _Group:
@@ -158,8 +159,12 @@ class _Group:
             one=False,
             timeout=self.batch.timeout or self.call.timeout,
         )
+        directives = None
         try:
             value = await self.source(call)
+            if type(value) is Directed:
+                # The batch answer's Cache-Control binds each item's value it holds.
+                value, directives = value.value, value.directives
             values = self._match(value, chunk)
         except Unsendable:
             if len(chunk) > 1:
@@ -178,7 +183,8 @@ class _Group:
             if future.done():
                 continue
             if i in values:
-                future.set_result(values[i])
+                found = values[i]
+                future.set_result(found if directives is None else Directed(found, directives))
             else:
                 future.set_exception(NotFound(f"{cp.name}: no element with {self.batch.key}={i}"))
 

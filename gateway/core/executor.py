@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cache.directives import Directed, Directives, strictest
 from gateway.core.context import RequestContext
 from gateway.core.errors import SourceError, reason_of
 from gateway.core.plan import CallPlan, EndpointPlan
@@ -19,13 +20,16 @@ from gateway.core.types import Call, Outcome, Source
 # __init__ costs three times as much), treated as immutable all the same.
 @dataclass(slots=True)
 class CallResult:
-    """What one call produced: its outcome, its value (when ok), how long it took, and why it
-    has no value (`detail`: a short reason, `HTTP 503`, `connect refused`...)."""
+    """What one call produced: its outcome, its value (when ok), how long it took, why it has
+    no value (`detail`: a short reason, `HTTP 503`, `connect refused`...), and what its upstream's
+    `Cache-Control` allows the composite (`directives`; None when it says nothing or the call
+    ignores it)."""
 
     outcome: Outcome
     value: Any
     ms: float
     detail: str = ""
+    directives: Directives | None = None
 
 
 @dataclass(slots=True)
@@ -38,6 +42,11 @@ class Composite:
     @property
     def complete(self) -> bool:
         return all(r.outcome == "ok" for r in self.results.values())
+
+    @property
+    def directives(self) -> Directives | None:
+        """Return the strictest `Cache-Control` directives of the calls that answered, if any."""
+        return strictest(r.directives for r in self.results.values() if r.outcome == "ok")
 
 
 class _RequiredFailed(Exception):
@@ -157,9 +166,14 @@ async def _run_call(
         value = await source(call)
     except SourceError as exc:
         return CallResult(exc.outcome, None, (time.perf_counter() - t0) * 1000, reason_of(exc))
+    directives = None
+    if type(value) is Directed:
+        if not cp.ignore_upstream_cache_control:
+            directives = value.directives
+        value = value.value
     if cp.select is not None:
         value = _select(value, cp.select)
-    return CallResult("ok", value, (time.perf_counter() - t0) * 1000)
+    return CallResult("ok", value, (time.perf_counter() - t0) * 1000, "", directives)
 
 
 def _select(value: Any, fields: tuple[str, ...]) -> Any:

@@ -152,7 +152,7 @@ class Runner:
         composite, status, body = answer(self.plan, composite)
         fresh.append(composite)
         self.observe(self.plan, composite)  # here, so background refreshes count too
-        return make_entry(status, body, status == 200 and composite.complete)
+        return make_entry(status, body, status == 200 and composite.complete, composite.directives)
 
     async def fetch(
         self,
@@ -183,10 +183,15 @@ class Runner:
         body = entry.body
         if lookup.error_stale:
             body = with_stale_age(body, lookup.age_s)
-        if entry.status == 200 and entry.complete and not lookup.error_stale:
-            cache_control = self.cache_scope + str(int(lookup.fresh_for_s)).encode()
-        else:
+        if entry.status != 200 or not entry.complete or lookup.error_stale or entry.no_store:
             cache_control = b"no-store"
+        elif entry.private:
+            # Never stored here (nor in any shared cache), but the client's own cache may keep
+            # it as long as the gateway would have.
+            ttl = 0.0 if self.policy is None else min(self.policy.ttl_s, entry.max_age_s)
+            cache_control = b"private, max-age=" + str(int(ttl)).encode()
+        else:
+            cache_control = self.cache_scope + str(int(lookup.fresh_for_s)).encode()
         headers = [
             JSON_TYPE,
             (b"x-gateway-complete", b"true" if entry.complete else b"false"),
