@@ -63,6 +63,7 @@ async def test_dashboard_shows_every_source_of_the_config(
     served_env(TOKEN)
     path = write_config(tmp_path, config_text(redis_prefix))
     sims.behaviour("reviews").update({"delay_ms": 20, "jitter_ms": 30})
+    sims.behaviour("recs").update({"error_rate": 1.0})  # optional: answers stay 200
     async with serving(create_app(str(path))) as base:
         async with aiohttp.ClientSession() as http:
             for i in range(1, 121):
@@ -92,6 +93,9 @@ async def test_dashboard_shows_every_source_of_the_config(
             assert shown == SOURCES
             pricing = driver.find_element(By.ID, "source-pricing").text
             assert "breaker closed" in pricing and "p50 / p95 / p99" in pricing
+            assert "no failed calls" in pricing
+            recs = driver.find_element(By.ID, "source-recs").text
+            assert "why calls failed" in recs and "HTTP 503" in recs, recs
             assert "polyline" in driver.find_element(By.ID, "source-reviews").get_attribute(
                 "innerHTML"
             )

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from gateway.ops.stats import CacheStats, SourceStats, Stats
+from gateway.ops.stats import (
+    MAX_REASONS,
+    OTHER,
+    REASON_CHARS,
+    SLOTS,
+    TOP_REASONS,
+    CacheStats,
+    SourceStats,
+    Stats,
+)
 
 
 class Clock:
@@ -103,3 +112,63 @@ def test_a_fan_out_counts_each_call_under_its_source_and_drops_removed_sources()
     stats.calls(plan, SimpleNamespace(results=results))
     snap = stats.sources["a"].snapshot()
     assert snap["count"] == 1 and snap["outcomes"]["ok"] == 1
+
+
+def test_reasons_are_the_most_frequent_failures_of_the_window_with_counts() -> None:
+    clock = Clock()
+    stats = SourceStats(timeout_ms=100, window_s=60, clock=clock)
+    for reason, n in (("old", 50), ("HTTP 503", 3), ("timeout", 5), ("not JSON", 1)):
+        for _ in range(n):
+            stats.record("error", 5.0, reason)
+        if reason == "old":
+            clock.now += 61  # out of the window before the others come
+    for reason in ("a", "b", "c"):
+        stats.record("error", 5.0, reason)
+    stats.record("ok", 5.0)
+    reasons = stats.snapshot()["reasons"]
+    assert len(reasons) == TOP_REASONS == 5
+    # Most frequent first, ties by text (so two reads of the same window agree).
+    assert reasons == [
+        {"reason": "timeout", "count": 5},
+        {"reason": "HTTP 503", "count": 3},
+        {"reason": "a", "count": 1},
+        {"reason": "b", "count": 1},
+        {"reason": "c", "count": 1},
+    ]
+    clock.now += 61
+    assert stats.snapshot()["reasons"] == []
+
+
+def test_reasons_stay_bounded_whatever_an_upstream_makes_them() -> None:
+    clock = Clock()
+    stats = SourceStats(timeout_ms=100, window_s=60, clock=clock)
+    for i in range(5000):
+        if i % 500 == 0:
+            clock.now += 5  # spread over every slot of the window
+        stats.record("error", 1.0, f"HTTP {i} " + "x" * 1000)
+    kept = sum(len(slot.reasons) for slot in stats._slots)
+    assert kept <= SLOTS * (MAX_REASONS + 1)
+    assert all(len(r) <= REASON_CHARS for slot in stats._slots for r in slot.reasons)
+    # Ten slots of 500 calls each: the first MAX_REASONS distinct reasons of each, the rest OTHER.
+    snap = stats.snapshot()
+    assert snap["count"] == 5000
+    assert snap["reasons"][0] == {"reason": OTHER, "count": 10 * (500 - MAX_REASONS)}
+
+
+def test_a_fan_out_counts_the_reasons_of_its_failed_calls_but_not_of_skipped_ones() -> None:
+    stats = Stats(clock=Clock())
+    stats.sources = {"a": SourceStats(timeout_ms=100, clock=Clock())}
+    plan = SimpleNamespace(calls=tuple(SimpleNamespace(name=n, source="a") for n in "wxyz"))
+    results = {
+        "w": SimpleNamespace(outcome="ok", ms=3.0, detail=""),
+        "x": SimpleNamespace(outcome="error", ms=3.0, detail="HTTP 503"),
+        "y": SimpleNamespace(outcome="not_found", ms=1.0, detail="HTTP 404"),
+        "z": SimpleNamespace(outcome="skipped", ms=0.0, detail="product failed"),
+    }
+    stats.calls(plan, SimpleNamespace(results=results))
+    snap = stats.sources["a"].snapshot()
+    assert snap["count"] == 4
+    assert snap["reasons"] == [
+        {"reason": "HTTP 404", "count": 1},
+        {"reason": "HTTP 503", "count": 1},
+    ]

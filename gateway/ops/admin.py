@@ -153,7 +153,7 @@ def router(gw: Administered, token: str) -> APIRouter:
 
     @api.get("/sources")
     async def sources() -> JSONResponse:
-        """Live statistics of every source over the sliding window."""
+        """Live statistics of every source over the sliding window, with why its calls failed."""
         return JSONResponse(sources_report(gw.current(), gw.lag))
 
     @api.get("/debug/memory", responses={409: {"description": "tracemalloc is off"}})
@@ -197,8 +197,9 @@ def changes(old: Runtime, new: Runtime) -> dict[str, list[str]]:
 
 
 def sources_report(rt: Runtime, lag: LoopLag | None = None) -> dict[str, Any]:
-    """Return every source's window statistics with its kind, breaker state and pool usage, and
-    the process's own: asyncio tasks, RSS, the event loop's lag and the cache's connections."""
+    """Return every source's window statistics (its most frequent failure reasons included) with
+    its kind, breaker state and pool usage, and the process's own: asyncio tasks, RSS, the event
+    loop's lag and the cache's connections."""
     live: dict[str, dict[str, float]] = {}
     for metric, source, value in live_samples(rt):
         live.setdefault(source, {})[metric.removeprefix("gateway_")] = value

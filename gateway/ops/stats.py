@@ -1,10 +1,12 @@
 """Live per-source statistics over a sliding window: latency percentiles, outcome ratios, the share
-of calls the timeout cut, and the timeout the data suggests.
+of calls the timeout cut, the timeout the data suggests, and why calls failed.
 
 Recording is on the hot path, so it is a few integer increments: time is cut into slots
 (`window_s / slots` seconds each) and each slot counts outcomes and latencies in log-spaced bins
 (5 % wide, 0.05 ms to about 10 minutes). Reading merges the slots still in the window; its
-percentiles are exact to one bin (the bin's upper edge is reported).
+percentiles are exact to one bin (the bin's upper edge is reported). Failure reasons are counted
+per slot too, each slot keeping at most `MAX_REASONS` distinct ones of at most `REASON_CHARS`
+characters, so an upstream that fails in ever new ways cannot grow them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ MIN_OK_CALLS = 50
 MAX_CUT_RATIO = 0.01
 """Above this share of calls cut by the timeout, the real p99 lies beyond it and is unknown."""
 
+TOP_REASONS = 5
+"""How many of a source's most frequent failure reasons `/admin/sources` lists."""
+
+MAX_REASONS = 16
+"""The most distinct reasons one slot counts; calls failing for yet another are `OTHER`."""
+
+REASON_CHARS = 80
+OTHER = "other reasons"
+
 _FIRST_MS = 0.05
 _GROWTH = 1.05
 _BINS = 400
@@ -47,11 +58,12 @@ _EDGES = tuple(_FIRST_MS * _GROWTH**i for i in range(_BINS))
 
 
 class _Slot:
-    __slots__ = ("answered", "attempted", "epoch", "outcomes")
+    __slots__ = ("answered", "attempted", "epoch", "outcomes", "reasons")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.outcomes: dict[str, int] = {}
+        self.reasons: dict[str, int] = {}
         self.attempted = [0] * _BINS
         self.answered = [0] * _BINS
 
@@ -72,12 +84,14 @@ class SourceStats:
         self._clock = clock
         self._slots = [_Slot(-1) for _ in range(slots)]
 
-    def record(self, outcome: Outcome, ms: float) -> None:
-        """Count one call's outcome and, when the source was asked, its latency."""
-        self.record_at(self._clock(), outcome, ms)
+    def record(self, outcome: Outcome, ms: float, reason: str = "") -> None:
+        """Count one call's outcome, its failure reason if any and, when the source was asked,
+        its latency."""
+        self.record_at(self._clock(), outcome, ms, reason)
 
-    def record_at(self, now: float, outcome: Outcome, ms: float) -> None:
-        """Count one call's outcome and latency as of `now` (a reading of this stats' clock)."""
+    def record_at(self, now: float, outcome: Outcome, ms: float, reason: str = "") -> None:
+        """Count one call's outcome, reason and latency as of `now` (a reading of this stats'
+        clock)."""
         epoch = int(now // self._width)
         slots = self._slots
         i = epoch % len(slots)
@@ -86,6 +100,12 @@ class SourceStats:
             slot = slots[i] = _Slot(epoch)
         outcomes = slot.outcomes
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if reason:
+            reasons = slot.reasons
+            reason = reason[:REASON_CHARS]
+            if reason not in reasons and len(reasons) >= MAX_REASONS:
+                reason = OTHER  # one past the bound: `OTHER` itself may be the 17th key
+            reasons[reason] = reasons.get(reason, 0) + 1
         if outcome in ASKED:
             b = bisect_left(_EDGES, ms)  # a C search of 400 floats: cheaper than a log
             if b == _BINS:
@@ -95,7 +115,8 @@ class SourceStats:
                 slot.answered[b] += 1
 
     def snapshot(self) -> dict[str, Any]:
-        """Return counts, ratios, p50/p95/p99 (ms), the cut share and a suggested timeout."""
+        """Return counts, ratios, p50/p95/p99 (ms), the cut share, a suggested timeout and the
+        most frequent failure reasons with their counts."""
         oldest = int(self._clock() // self._width) - len(self._slots)
         live = [s for s in self._slots if s.epoch > oldest]
         outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
@@ -109,6 +130,11 @@ class SourceStats:
         cut = outcomes["timeout"] / tried if tried else 0.0
         ok_p99 = _percentile(answered, 0.99)
         suggested, note = self._suggest(sum(answered), ok_p99, cut)
+        reasons: dict[str, int] = {}
+        for s in live:
+            for reason, n in s.reasons.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]
         return {
             "count": count,
             "outcomes": outcomes,
@@ -121,6 +147,7 @@ class SourceStats:
             "cut_by_timeout": round(cut, 4),
             "suggested_timeout_ms": suggested,
             "suggestion": note,
+            "reasons": [{"reason": reason, "count": n} for reason, n in top],
         }
 
     def _suggest(self, answered: int, ok_p99: float | None, cut: float) -> tuple[int | None, str]:
@@ -205,7 +232,9 @@ class Stats:
         self.sources, self._plans = fresh, dict(plans)
 
     def calls(self, plan: EndpointPlan, composite: Composite) -> None:
-        """Count every call of one fan-out under its source, all as of the fan-out's end."""
+        """Count every call of one fan-out under its source, all as of the fan-out's end, with
+        the reason of each that failed (a skipped call's is another source's failure, not
+        counted)."""
         results = composite.results
         sources = self.sources
         now = self._clock()
@@ -214,4 +243,6 @@ class Stats:
             if r is not None:
                 stats = sources.get(cp.source)
                 if stats is not None:  # calls of a source that was just removed are dropped
-                    stats.record_at(now, r.outcome, r.ms)
+                    outcome = r.outcome
+                    failed = outcome != "ok" and outcome != "skipped"
+                    stats.record_at(now, outcome, r.ms, r.detail if failed else "")
