@@ -350,3 +350,24 @@ async def test_a_batch_answers_cache_control_binds_each_item_it_holds(
             await asyncio.sleep(1.2)
             async with http.get(f"{url}/things/2") as resp:
                 assert resp.headers["X-Cache"] == "MISS"
+
+
+@pytest.mark.parametrize("directive", ["no-store", "private"])
+async def test_a_listing_holding_an_item_no_shared_cache_may_keep_is_never_public(
+    http: aiohttp.ClientSession, directive: str
+) -> None:
+    async def batch(request: web.BaseRequest) -> web.StreamResponse:
+        ids = request.query["ids"].split(",")
+        return web.json_response(
+            [{"id": int(i)} for i in ids], headers={"Cache-Control": directive}
+        )
+
+    async with UpstreamServer() as server:
+        server.route("/a", batch)
+        loaded = config.loads(LISTING.format(base=server.url), "gw.yaml", {})
+        async with serving_config(loaded) as url:
+            async with http.get(f"{url}/things?ids=1,2") as resp:
+                assert resp.status == 200
+                assert resp.headers["Cache-Control"] == "no-store"
+            async with http.get(f"{url}/things?ids=1,2") as resp:
+                assert resp.headers["X-Cache"] == "MISS"  # the items were never stored

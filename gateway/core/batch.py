@@ -158,6 +158,8 @@ class _Group:
             params=params,
             one=False,
             timeout=self.batch.timeout or self.call.timeout,
+            # max_rows bounds one item's rows: a chunk's answer holds up to that many per item
+            max_rows=self.call.max_rows * len(chunk),
         )
         directives = None
         try:

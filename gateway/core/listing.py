@@ -209,6 +209,8 @@ class ListRunner:
                 parts.append(entry.body)
             if not entry.complete:
                 reasons[key] = "partial"
+            if not entry.shared:  # an upstream said no-store or private for this item
+                cacheable = False
             fresh_for = min(fresh_for, lookup.fresh_for_s)
         complete = not reasons and not dropped
         meta: dict[str, Any] = {"complete": complete, "items": reasons}
