@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, check, demo."""
+"""The `gateway` command: serve, check, test, demo."""
 
 from __future__ import annotations
 
@@ -63,6 +63,17 @@ def serve(
     return 0
 
 
+def contract_test(config: str, paths: list[str], junit: str | None) -> int:
+    """Run contract files against a config: 0 all passed, 1 a case failed, 2 a bad file."""
+    from gateway.contracts import command
+
+    if os.path.isdir(config):  # `gateway test tests/contracts/`: a config is never a directory
+        config, paths = "gateway.yaml", [config, *paths]
+    # Access lines (info) would bury the results; warnings and errors still show.
+    os.environ.setdefault("GATEWAY_LOG_LEVEL", "warning")
+    return command.run(config, paths, junit)
+
+
 def load_or_report(path: str) -> config.LoadedConfig | None:
     """Return the loaded config, or None after printing its problems, one per line."""
     try:
@@ -100,6 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p_check = sub.add_parser("check", help="validate a config file")
     p_check.add_argument("file", nargs="?", default="gateway.yaml")
+    p_test = sub.add_parser(
+        "test", help="run contract files against the config, with scripted upstreams"
+    )
+    p_test.add_argument("config", nargs="?", default="gateway.yaml", metavar="CONFIG")
+    p_test.add_argument(
+        "paths", nargs="*", metavar="PATHS", help="contract files or directories (tests/contracts/)"
+    )
+    p_test.add_argument("--junit", metavar="FILE", help="also write the results as JUnit XML")
     p_demo = sub.add_parser("demo", help="run the whole product on this machine, nothing needed")
     p_demo.add_argument("--host", default="127.0.0.1")
     p_demo.add_argument("--port", type=int, default=8080)
@@ -108,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "check":
         sys.exit(check(args.file))
+    if args.command == "test":
+        sys.exit(contract_test(args.config, args.paths, args.junit))
     if args.command == "serve":
         sys.exit(serve(args.config, args.host, args.port, args.workers, args.log_level, args.watch))
     from gateway.demo import main as demo

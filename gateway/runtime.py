@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import structlog
@@ -30,6 +31,15 @@ from gateway.ops.stats import Stats
 
 _log = structlog.get_logger("gateway.runtime")
 
+OpenSource = Callable[[str, SourcePlan], Awaitable[Upstream]]
+"""(name, compiled source) -> the started source: how a runtime opens each source it does not
+take over."""
+
+opening: ContextVar[OpenSource] = ContextVar("opening", default=open_upstream)
+"""How `start` opens sources when not given `open_source`: the kind table's adapter. The contract
+runner (`gateway test`) sets its scripted one around the apps it serves, which start their
+runtimes themselves."""
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -54,11 +64,14 @@ async def start(
     metrics: Metrics | None = None,
     stats: Stats | None = None,
     plans: Sequence[EndpointPlan] | None = None,
+    open_source: OpenSource | None = None,
 ) -> Runtime:
     """Start a runtime; sources and cache whose config did not change are taken over from
     `previous`, so their pools (and breaker state) survive a reload. Metrics and statistics
-    are `previous`'s (or new ones) unless given; `plans` are the config's, when already built."""
+    are `previous`'s (or new ones) unless given; `plans` are the config's, when already built;
+    `open_source` opens each new source (by default: `opening`'s, the kind table's adapter)."""
     config = loaded.config
+    open_source = open_source or opening.get()
     if metrics is None:
         metrics = previous.metrics if previous is not None else Metrics()
     if stats is None:
@@ -77,7 +90,7 @@ async def start(
                 kept[name] = previous.upstreams[name]
                 guards[name] = previous.guards[name]
             else:
-                opened[name] = await open_upstream(name, source_plan)
+                opened[name] = await open_source(name, source_plan)
                 guards[name] = guard(
                     name,
                     source_plan,

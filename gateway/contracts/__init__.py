@@ -1,0 +1,1 @@
+"""Contract tests (`gateway test`): an endpoint's cases run against scripted upstreams."""
