@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -96,6 +97,19 @@ def admin_token_ok() -> bool:
     return True
 
 
+def schema(*, contracts: bool = False) -> int:
+    """Print the JSON Schema of gateway.yaml (or of a contract file) on stdout."""
+    if contracts:
+        from gateway.contracts.model import contract_schema
+
+        print(json.dumps(contract_schema(), indent=2, ensure_ascii=False))
+    else:
+        from gateway.config.jsonschema import print_schema
+
+        print_schema(sys.stdout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run one subcommand."""
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
@@ -119,6 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         "paths", nargs="*", metavar="PATHS", help="contract files or directories (tests/contracts/)"
     )
     p_test.add_argument("--junit", metavar="FILE", help="also write the results as JUnit XML")
+    p_schema = sub.add_parser(
+        "schema", help="print the JSON Schema of gateway.yaml (or of contract files), for editors"
+    )
+    p_schema.add_argument(
+        "--contracts", action="store_true", help="the schema of contract files instead"
+    )
     p_demo = sub.add_parser("demo", help="run the whole product on this machine, nothing needed")
     p_demo.add_argument("--host", default="127.0.0.1")
     p_demo.add_argument("--port", type=int, default=8080)
@@ -127,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "check":
         sys.exit(check(args.file))
+    if args.command == "schema":
+        sys.exit(schema(contracts=args.contracts))
     if args.command == "test":
         sys.exit(contract_test(args.config, args.paths, args.junit))
     if args.command == "serve":

@@ -303,3 +303,44 @@ def test_the_schema_uses_only_keywords_draft_7_editors_know() -> None:
         elif isinstance(node, list):
             todo.extend(node)
     assert used <= DRAFT_7_WORDS, used - DRAFT_7_WORDS
+
+
+def _contract_validator() -> Any:
+    from gateway.contracts.model import contract_schema
+
+    return jsonschema_rs.validator_for(contract_schema())
+
+
+CONTRACTS = sorted((ROOT / "tests" / "contracts").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONTRACTS, ids=[p.name for p in CONTRACTS])
+def test_every_shipped_contract_file_validates_against_the_contract_schema(path: Path) -> None:
+    assert CONTRACTS, "tests/contracts/ holds the shipped contracts"
+    errors = [
+        e.message for e in _contract_validator().iter_errors(yaml.safe_load(path.read_text()))
+    ]
+    assert not errors, errors
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"endpoint": "/products/{id:int}"},
+        {"endpoint": "/p", "cases": [{"name": "x", "request": {"path": "/p"}}]},
+        {
+            "endpoint": "/p",
+            "cases": [
+                {
+                    "name": "x",
+                    "request": {"path": "/p"},
+                    "expect": {"status": 200},
+                    "upstreams": {"a": {"stat": 1}},
+                }
+            ],
+        },
+        {"endpoint": "/p", "cases": [], "extra": 1},
+    ],
+)
+def test_a_broken_contract_file_does_not_validate(doc: dict[str, Any]) -> None:
+    assert not _contract_validator().is_valid(doc)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, model_validator
 
 from gateway.config.sources import Model
 
@@ -24,7 +24,13 @@ def _header_text(v: Any) -> Any:
     return v
 
 
-HeaderValue = Annotated[str, BeforeValidator(_header_text)]
+HeaderValue = Annotated[
+    str,
+    BeforeValidator(_header_text),
+    WithJsonSchema(
+        {"type": ["string", "boolean", "number"], "description": "A header value (as text)."}
+    ),
+]
 Delay = Annotated[int, Field(ge=0, le=MAX_DELAY_MS)]
 Status = Annotated[int, Field(ge=100, le=599)]
 
@@ -115,6 +121,39 @@ class ContractModel(Model):
 
 
 Answer = HttpAnswer | SqlAnswer
+
+CONTRACT_SCHEMA_ID = "urn:aggregation-gateway:contract:v1"
+
+
+def contract_schema() -> dict[str, Any]:
+    """Return the JSON Schema (draft 2020-12) of a contract file, for editors and for tests:
+    its cases are `CaseModel`s, and each upstream is an answer (http or sql) or a list of them."""
+    case = CaseModel.model_json_schema(by_alias=True, ref_template="#/$defs/{model}")
+    defs = case.pop("$defs", {})
+    for name, model in (("HttpAnswer", HttpAnswer), ("SqlAnswer", SqlAnswer)):
+        schema = model.model_json_schema(by_alias=True, ref_template="#/$defs/{model}")
+        defs.update(schema.pop("$defs", {}))
+        defs[name] = schema
+    answer = {"anyOf": [{"$ref": "#/$defs/HttpAnswer"}, {"$ref": "#/$defs/SqlAnswer"}]}
+    case["properties"]["upstreams"] = {
+        "type": "object",
+        "description": "Each source's scripted answer, or its answers in call order.",
+        "additionalProperties": {"anyOf": [answer, {"type": "array", "items": answer}]},
+    }
+    defs["Case"] = case
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": CONTRACT_SCHEMA_ID,
+        "title": "gateway contract file",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["endpoint", "cases"],
+        "properties": {
+            "endpoint": {"type": "string", "description": "The endpoint's path as written."},
+            "cases": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/Case"}},
+        },
+        "$defs": defs,
+    }
 
 
 @dataclass(frozen=True, slots=True)
