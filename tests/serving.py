@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import uvicorn
-from starlette.types import ASGIApp
-
 from gateway.app import create_app
 from gateway.config import loader as config
+from gateway.contracts.run import serving
 from gateway.demo.simulator import Simulators
-from gateway.edge.server import http_protocol
 from tests.config_files import server_env
-from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,37 +33,6 @@ def product_view_config(
         text = text.replace(old, new)
     text = text.replace("cache:\n  url:", f"cache:\n  key_prefix: '{key_prefix}'\n  url:", 1)
     return config.loads(text, "gateway.yaml", env)
-
-
-@asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[str]:
-    """Serve `app` (lifespan included) on a free loopback port; yield its base URL."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_level="error",
-            access_log=False,
-            lifespan="on",
-            http=http_protocol(),  # as `gateway serve` runs it
-        )
-    )
-    server.config.setup_event_loop = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    if not server.started:
-        task.cancel()
-        raise RuntimeError("uvicorn did not start within 5 s")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 @asynccontextmanager

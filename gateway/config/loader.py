@@ -85,10 +85,10 @@ def loads(text: str, file: str = "<string>", env: Mapping[str, str] | None = Non
             loc = _clean_loc(e["loc"], data)
             if e["type"].startswith("union_tag"):
                 loc = (*loc, "kind")
-            found.append(Problem(file, _line_of(lines, loc), dotted(loc), _message(e)))
+            found.append(Problem(file, line_of(lines, loc), dotted(loc), _message(e)))
         raise ConfigError(redact_problems(found, secrets)) from None
     problems = [
-        Problem(file, _line_of(lines, loc), dotted(loc), msg) for loc, msg in cross_check(config)
+        Problem(file, line_of(lines, loc), dotted(loc), msg) for loc, msg in cross_check(config)
     ]
     if problems:
         raise ConfigError(redact_problems(problems, secrets))
@@ -226,7 +226,8 @@ def _message(err: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _line_of(lines: Mapping[Loc, int], loc: Loc) -> int:
+def line_of(lines: Mapping[Loc, int], loc: Loc) -> int:
+    """Return the line of `loc`, or of the nearest enclosing value that has one."""
     while loc:
         if loc in lines:
             return lines[loc]

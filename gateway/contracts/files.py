@@ -15,6 +15,7 @@ from starlette.routing import compile_path
 
 from gateway.config.fieldpath import Loc, dotted
 from gateway.config.kinds import kind_of
+from gateway.config.loader import line_of
 from gateway.config.schema import EndpointConfig, GatewayConfig
 from gateway.contracts.model import (
     Answer,
@@ -82,7 +83,7 @@ def loads_contract(text: str, file: str, config: GatewayConfig) -> Contract:
         raise ContractError(problems)
 
     def problem(loc: Loc, message: str) -> Problem:
-        return Problem(file, _line_of(lines, loc), dotted(loc), message)
+        return Problem(file, line_of(lines, loc), dotted(loc), message)
 
     try:
         model = ContractModel.model_validate(data)
@@ -116,7 +117,7 @@ def loads_contract(text: str, file: str, config: GatewayConfig) -> Contract:
         if not route.fullmatch(case.request.path.partition("?")[0]):
             why = f"{case.request.path} is not a path of {endpoint.path}"
             problems.append(problem((*at, "request", "path"), why))
-        cases.append(Case(case.name, _line_of(lines, at), case.request, scripts, case.expect))
+        cases.append(Case(case.name, line_of(lines, at), case.request, scripts, case.expect))
     if problems or endpoint is None:
         raise ContractError(problems)
     return Contract(file, endpoint.path, tuple(cases))
@@ -244,14 +245,6 @@ def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, out: lis
 
 
 _MERGE = "tag:yaml.org,2002:merge"
-
-
-def _line_of(lines: Mapping[Loc, int], loc: Loc) -> int:
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return lines.get((), 1)
 
 
 ENV_DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-[^}]*\}")
