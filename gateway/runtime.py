@@ -13,6 +13,7 @@ from cache.composite import CompositeCache, open_cache
 from cache.policy import CacheSettings, NearSettings
 from gateway.config.loader import LoadedConfig
 from gateway.config.schema import CacheConfig
+from gateway.core.context import note_of
 from gateway.core.executor import Composite
 from gateway.core.listing import ListRunner
 from gateway.core.plan import (
@@ -24,10 +25,12 @@ from gateway.core.plan import (
     guard,
     open_upstream,
 )
-from gateway.core.runner import Runner, runners
+from gateway.core.runner import Runner, Seeing, runners
 from gateway.core.types import Call, Upstream
+from gateway.ops import admin
 from gateway.ops.metrics import Metrics
 from gateway.ops.stats import Stats
+from gateway.ops.tracing import Tracing, tracing_for
 
 _log = structlog.get_logger("gateway.runtime")
 
@@ -55,6 +58,8 @@ class Runtime:
     source_plans: Mapping[str, SourcePlan]
     runners: Mapping[str, Runner | ListRunner]
     """One compiled runner per endpoint id: what the edge calls for each request."""
+    tracing: Tracing | None = None
+    """The span exporter `tracing:` asks for; None: trace context is propagated, not exported."""
 
 
 async def start(
@@ -77,6 +82,11 @@ async def start(
     if stats is None:
         stats = previous.stats if previous is not None else Stats()
     on_change, on_retry, on_hedge = _observers(metrics)
+    tracing = tracing_for(config.tracing, None if previous is None else previous.tracing)
+    traced = None if tracing is None else tracing.policies()
+    # Guards hold the tracing policies: a change of `tracing:` guards every source anew (its
+    # pool kept, its breaker's and budget's counts started over).
+    same_tracing = previous is not None and previous.tracing is tracing
     by_id = {p.id: p for p in (build_plans(config) if plans is None else plans)}
     source_plans = {
         name: compile_source(name, cfg, config.propagation) for name, cfg in config.sources.items()
@@ -88,17 +98,20 @@ async def start(
         for name, source_plan in source_plans.items():
             if previous is not None and _same_source(previous, source_plan):
                 kept[name] = previous.upstreams[name]
-                guards[name] = previous.guards[name]
+                if same_tracing:
+                    guards[name] = previous.guards[name]
+                    continue
             else:
                 opened[name] = await open_source(name, source_plan)
-                guards[name] = guard(
-                    name,
-                    source_plan,
-                    opened[name],
-                    on_change=on_change,
-                    on_retry=on_retry,
-                    on_hedge=on_hedge,
-                )
+            guards[name] = guard(
+                name,
+                source_plan,
+                kept.get(name) or opened[name],
+                on_change=on_change,
+                on_retry=on_retry,
+                on_hedge=on_hedge,
+                traced=traced,
+            )
     except BaseException:
         await asyncio.gather(*(u.close() for u in opened.values()), return_exceptions=True)
         raise
@@ -116,7 +129,8 @@ async def start(
         record(plan, composite)
 
     compiled: dict[str, Runner | ListRunner] = {}
-    compiled.update(runners(by_id, sources, cache, config.cache.key_prefix, observe))
+    seeing = Seeing(tracing, explain_token(), {n: g.breaker for n, g in guards.items()})
+    compiled.update(runners(by_id, sources, cache, config.cache.key_prefix, observe, seeing))
     for pid, plan in by_id.items():
         if plan.listing is not None:
             item = compiled[plan.listing.item]
@@ -132,7 +146,17 @@ async def start(
         stats,
         source_plans,
         compiled,
+        tracing,
     )
+
+
+def explain_token() -> bytes | None:
+    """Return the admin token that `X-Gateway-Explain` needs, or None (no admin: no explain)."""
+    try:
+        token = admin.token_from_env()
+    except ValueError:  # too short: the app refuses to start; a bare runtime explains nothing
+        return None
+    return None if token is None else token.strip().encode()
 
 
 def cache_settings(cfg: CacheConfig) -> CacheSettings:
@@ -159,9 +183,15 @@ def _observers(
 
     def on_retry(call: Call, attempt: int) -> None:
         metrics.retry(call.source)
+        note = note_of(call.name)
+        if note is not None:
+            note["attempts"] = attempt
 
     def on_hedge(call: Call) -> None:
         metrics.hedge(call.source)
+        note = note_of(call.name)
+        if note is not None:
+            note["hedges"] = note.get("hedges", 0) + 1
 
     return on_change, on_retry, on_hedge
 
@@ -191,3 +221,7 @@ async def stop(runtime: Runtime, successor: Runtime | None = None) -> None:
             _log.warning("source_close_failed", error=repr(r))
     if successor is None or successor.cache is not runtime.cache:
         await runtime.cache.close()
+    if runtime.tracing is not None and (
+        successor is None or successor.tracing is not runtime.tracing
+    ):
+        await runtime.tracing.shutdown()

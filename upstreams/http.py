@@ -81,7 +81,8 @@ PING_TIMEOUT_S = 1.0
 async def http_source(name: str, cfg: HttpSettings) -> Upstream:
     """Start one HTTP source: its keep-alive pool and the functions to call, probe and close it.
 
-    Every call carries the request id and the remaining budget in `cfg.propagation`'s headers.
+    Every call carries the request id and the remaining budget in `cfg.propagation`'s headers,
+    and the request's W3C trace context (`traceparent`, `tracestate`).
     """
     if cfg.client == "httpx":
         return _httpx_upstream(name, cfg, cfg.propagation)
@@ -242,13 +243,18 @@ def _query_value(value: Any) -> str:
 
 
 def _headers(static: CIMultiDict[str], call: Call, prop: Propagation) -> CIMultiDict[str]:
-    """Return the source's headers, overridden by the call's, plus request id and deadline."""
+    """Return the source's headers, overridden by the call's, plus request id, trace context
+    (W3C `traceparent` and `tracestate`) and deadline."""
     headers = static.copy()
     headers.setdefault("Accept-Encoding", ACCEPT_ENCODING)
     if call.headers:
         headers.update(call.headers)
     if call.request_id:
         headers[prop.request_id_header] = call.request_id
+    if call.trace:
+        headers["traceparent"] = call.trace
+        if call.tracestate:
+            headers["tracestate"] = call.tracestate
     if math.isfinite(call.deadline):
         remaining = call.deadline - asyncio.get_running_loop().time()
         headers[prop.deadline_header] = str(max(0, int(remaining * 1000)))

@@ -6,7 +6,8 @@ carries the server's own statement timeout, set from what is left of the call's 
 
 Rows are read unbuffered, at most `max_rows + 2` of them; MariaDB is also told to send no more
 than `max_rows + 1` (`sql_select_limit`, unless the query has its own LIMIT), and when more rows
-follow, that unread rest goes with its connection, which is closed.
+follow, that unread rest goes with its connection, which is closed. A query is prefixed with
+the request's trace context as a comment (`/* traceparent='00-...' */`), for the server's logs.
 
 aiomysql gives bytes exactly for columns of the binary charset (BINARY, VARBINARY, BLOB, BIT),
 whatever the bytes hold, so a `_bin` collation's text stays text; bytes become base64. JSON
@@ -31,6 +32,7 @@ import aiomysql
 import pymysql
 from pymysql.constants import FIELD_TYPE
 
+from gateway.core.context import sql_comment
 from gateway.core.errors import SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.types import JSON, Call, Upstream
 from upstreams.sql import SqlSettings, json_result, json_text, too_many
@@ -97,6 +99,8 @@ async def mysql_source(name: str, cfg: SqlSettings) -> Upstream:
                 # Measured after acquiring: waiting for a connection spends the same budget.
                 budget = max(ends - loop.time(), _FLOOR_S)
                 sql = budgeted(call.target, budget, conn.get_server_info(), call.max_rows + 1)
+                if call.trace:
+                    sql = sql_comment(call.trace) + sql
                 rows, fields, ended = await _mysql_rows(conn, sql, dict(call.params), call.max_rows)
                 if not ended:
                     # The rest is never read: it goes with the connection `_borrow` closes.

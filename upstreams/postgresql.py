@@ -9,7 +9,8 @@ to the pool only once that cancel is done. At most `max_rows + 1` rows are read:
 server stops there (asyncpg's fetch with a row limit, the one private asyncpg name used). Values
 come out as the MySQL adapter gives them (`upstreams.sql.json_value`: bytea as base64), plus
 UUID and network addresses as text, arrays as lists, and json/jsonb as JSON values (decoded by
-a codec each connection gets; a text parameter bound to a json column is sent as it is).
+a codec each connection gets; a text parameter bound to a json column is sent as it is). A
+sampled trace's query carries its `traceparent` as a comment (`/* traceparent='00-...' */`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 
+from gateway.core.context import sql_comment
 from gateway.core.errors import SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.types import JSON, Call, Upstream
 from upstreams.sql import SqlSettings, json_result, json_text, json_value, too_many
@@ -114,7 +116,7 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
                     limits[pid] = ms
                 # `fetch` with a row limit; the server stops after it (its portal is suspended).
                 rows = await conn._execute(
-                    call.target, list(call.params.values()), call.max_rows + 1, None
+                    _traced(call), list(call.params.values()), call.max_rows + 1, None
                 )
         finally:
             # Shielded by asyncpg; after a cancel it waits for the server to confirm it.
@@ -144,6 +146,15 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
         return {"size": size, "in_use": size - free, "free": free, "max": pool.get_max_size()}
 
     return Upstream(call=call, close=close, ping=ping, pool_stats=pool_stats)
+
+
+def _traced(call: Call) -> str:
+    """Return the call's SQL, prefixed with its `traceparent` as a comment when the trace is
+    sampled: asyncpg caches prepared statements by their text, so a comment on every call would
+    cost each one a prepare round trip (and evict the statements worth keeping)."""
+    if call.trace.endswith("-01"):
+        return sql_comment(call.trace) + call.target
+    return call.target
 
 
 def _json_param(value: Any) -> str:

@@ -3,6 +3,7 @@ models are the kinds' (`gateway.config.kinds`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -315,6 +316,50 @@ class ServerConfig(Model):
         return ConnectionLimits(**self.model_dump())
 
 
+OTEL_PACKAGES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+"""What exporting traces imports: the optional `otel` extra."""
+
+
+class TracingConfig(Model):
+    """Export of traces over OTLP/HTTP: a span per request, per call attempt and per cache
+    operation. Needs the `otel` extra (`pip install '.[otel]'`)."""
+
+    otlp_endpoint: Annotated[str, Field(max_length=2048, examples=["http://127.0.0.1:4318"])]
+    """The OTLP/HTTP collector's base URL (http or https); spans go to its `/v1/traces`."""
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """The share of traces started here that are recorded; a client's sampled flag decides
+    for the traces it started."""
+    service_name: Annotated[str, Field(min_length=1, max_length=200)] = "gateway"
+    """The `service.name` the spans are exported under."""
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("the OTLP endpoint is a plain URL: no query, fragment or user")
+        return v
+
+    @model_validator(mode="after")
+    def _sdk_installed(self) -> TracingConfig:
+        missing = [name for name in OTEL_PACKAGES if not _importable(name)]
+        if missing:
+            raise ValueError(
+                "tracing needs the OpenTelemetry SDK and OTLP exporter, which are not installed "
+                f"({missing[0].split('.')[1]} missing): pip install '.[otel]'"
+            )
+        return self
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
 class GatewayConfig(Model):
     """A whole gateway.yaml, parsed and cross-checked."""
 
@@ -330,6 +375,12 @@ class GatewayConfig(Model):
     """Which headers tell HTTP upstreams the request id and the remaining budget."""
     server: ServerConfig = Field(default=ServerConfig(), examples=[{"max_connections": 1024}])
     """What one client connection may cost `gateway serve`, per process; read when it starts."""
+    tracing: TracingConfig | None = Field(
+        default=None,
+        examples=[{"otlp_endpoint": "http://127.0.0.1:4318", "sample_ratio": 0.1}],
+    )
+    """Export traces over OTLP/HTTP (the `otel` extra); without it, trace context is still read
+    and propagated."""
     sources: dict[str, SourceConfig] = Field(
         examples=[{"pricing": {"kind": "http", "base_url": "http://127.0.0.1:9101"}}]
     )

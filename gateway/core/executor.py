@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache.directives import Directed, Directives, strictest
-from gateway.core.context import RequestContext
+from gateway.core.context import RequestContext, explained_calls
 from gateway.core.errors import SourceError, reason_of
 from gateway.core.plan import CallPlan, EndpointPlan
 from gateway.core.templates import Unrenderable
@@ -64,11 +64,14 @@ async def execute(
 
     `deadline` (loop time) is the request's, when part of its budget is already spent (the cache
     lookup, a wait for another request's fan-out); by default the plan's deadline from now.
-    `request` gives the request id and the client's headers (for the calls' `forward_headers`).
+    `request` gives the request id, the client's headers (for the calls' `forward_headers`) and
+    the trace context every call carries; when it is explained, each call's start and end.
     Source failures become outcomes; any other exception is a bug and propagates.
     """
     request_id = "" if request is None else request.request_id
     request_headers = None if request is None else request.headers
+    trace = ("", "") if request is None else (request.traceparent(), request.tracestate)
+    notes = None if request is None or request.explain is None else explained_calls(request)
     loop = asyncio.get_running_loop()
     start = loop.time()
     if deadline is None:
@@ -79,9 +82,13 @@ async def execute(
     done = {name: asyncio.Event() for name in plan.awaited} if plan.awaited else {}
 
     async def run(cp: CallPlan) -> None:
+        note = None
         try:
             for dep in cp.deps:
                 await done[dep].wait()
+            if notes is not None and request is not None:
+                note = notes.setdefault(cp.name, {})
+                note["start_ms"] = round((loop.time() - request.arrived) * 1000, 1)
             result = results[cp.name] = await _run_call(
                 cp,
                 sources[cp.source],
@@ -90,12 +97,15 @@ async def execute(
                 request_id,
                 _failed_dep(cp, results) if cp.deps else None,
                 request_headers,
+                trace,
             )
             if result.outcome == "ok":
                 scope[cp.name] = result.value
             elif cp.required:
                 raise _RequiredFailed(cp.name)
         finally:
+            if note is not None and request is not None:
+                note["end_ms"] = round((loop.time() - request.arrived) * 1000, 1)
             if cp.name in done:
                 done[cp.name].set()
 
@@ -135,6 +145,7 @@ async def _run_call(
     request_id: str,
     skip: str | None,
     request_headers: Mapping[bytes, bytes] | None,
+    trace: tuple[str, str],
 ) -> CallResult:
     if skip is not None:
         return CallResult("skipped", None, 0.0, f"{skip} failed")
@@ -161,6 +172,7 @@ async def _run_call(
         request_id,
         headers,
         cp.max_rows,
+        *trace,
     )
     try:
         value = await source(call)

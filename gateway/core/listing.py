@@ -25,7 +25,17 @@ from gateway.core.context import RequestContext
 from gateway.core.executor import CallResult, Composite, execute
 from gateway.core.merge import answer, with_stale_age
 from gateway.core.plan import EndpointPlan
-from gateway.core.runner import JSON_TYPE, Observe, Reply, Runner, parse_params, parse_value
+from gateway.core.runner import (
+    EXPLAIN,
+    JSON_TYPE,
+    Observe,
+    Reply,
+    Runner,
+    no_store,
+    parse_params,
+    parse_value,
+    with_explain,
+)
 from gateway.core.types import Source
 
 IDS = "*ids"
@@ -94,8 +104,24 @@ class ListRunner:
 
     async def __call__(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
         """Answer one listing: its ids, each item from the cache or computed with the others."""
+        ctx.endpoint = self.plan.id
+        seeing = self.item.seeing
+        if EXPLAIN in ctx.headers:
+            seeing.may_explain(ctx)
+        if seeing.tracing is None:
+            return await self.answer(ctx, params)
+        seeing.begin(ctx)
+        status = None
+        try:
+            reply = await self.answer(ctx, params)
+            status = reply[0]
+            return reply
+        finally:
+            seeing.end(ctx, status)
+
+    async def answer(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
+        """Return the listing's answer, `_explain` in it when `ctx` is explained."""
         plan = self.plan
-        ctx.endpoint = plan.id
         ctx.deadline = ctx.arrived + plan.deadline
         dropped = 0
         # A client that leaves cancels the listing (its ids call, and the batches it started).
@@ -241,12 +267,41 @@ class ListRunner:
         ]
         if item.vary:
             headers.append((b"vary", item.vary))
+        if ctx.explain is not None:
+            explain = self._explain(ctx, ids, lookups)
+            return 200, no_store(headers), with_explain(body, explain)
         inm = ctx.headers.get(b"if-none-match")
         if inm is not None and any(
             t.strip().removeprefix(b"W/") == etag or t.strip() == b"*" for t in inm.split(b",")
         ):
             return 304, headers[1:], b""
         return 200, headers, body
+
+    def _explain(
+        self, ctx: RequestContext, ids: Sequence[Any], lookups: Mapping[Any, Lookup]
+    ) -> dict[str, Any]:
+        """Return a listing's `_explain`: its budget, and per item its cache key and state."""
+        item, name = self.item, self.id_param.name
+        items = []
+        for i in ids:
+            lookup = lookups.get(i) if i is not None else None
+            if lookup is None:
+                items.append({"id": i, "key": None, "state": None})
+                continue
+            items.append(
+                {
+                    "id": i,
+                    "key": item.key(ctx, {name: i}) if item.policy is not None else None,
+                    "state": lookup.state,
+                    "age_s": round(lookup.age_s, 3),
+                }
+            )
+        spent = round((asyncio.get_running_loop().time() - ctx.arrived) * 1000, 1)
+        return {
+            "budget": {"deadline_ms": round(self.plan.deadline * 1000, 1), "spent_ms": spent},
+            "trace_id": ctx.trace_id,
+            "items": items,
+        }
 
 
 def _account(ctx: RequestContext, fresh: Sequence[Composite]) -> None:

@@ -24,7 +24,7 @@ from gateway.config.schema import (
     ShapeField,
 )
 from gateway.core import templates
-from gateway.core.types import Source, Upstream
+from gateway.core.types import Policy, Source, Upstream
 from upstreams import policies
 from upstreams.breaker import Breaker, BreakerSettings, OnChange
 from upstreams.http import Propagation
@@ -331,6 +331,7 @@ def guard(
     on_change: OnChange | None = None,
     on_retry: policies.OnRetry | None = None,
     on_hedge: policies.OnHedge | None = None,
+    traced: tuple[Policy, Policy] | None = None,
 ) -> Guarded:
     """Return `upstream` wrapped in its policies, always in this order, outermost first:
 
@@ -349,6 +350,9 @@ def guard(
 
     With `hedge: {after: pNN}`, a `Latency` recorder sits between hedge and timeout: it times
     each successful attempt, and the hedge reads its percentile before each call.
+
+    `traced` (only when traces are exported): two observing policies, the first outermost (one
+    call), the second around each attempt, just inside hedging (a hedge is an attempt too).
     """
     plan = cfg if isinstance(cfg, SourcePlan) else compile_source(name, cfg)
     source: Source = upstream.call
@@ -367,8 +371,12 @@ def guard(
             latency = Latency()
             source = latency(source)
             after = partial(latency.quantile, quantile)
+        if traced is not None:
+            source = traced[1](source)
         hedge = policies.Hedge(after, budget, on_hedge=on_hedge)
         source = hedge(source)
+    elif traced is not None:
+        source = traced[1](source)
     retry = None
     if (plan.retry is not None and plan.retry.attempts > 1) or hedge is not None:
         # A hedged source without retries still gets a one-attempt Retry: it counts the calls
@@ -379,4 +387,6 @@ def guard(
     breaker = Breaker(plan.breaker, name, on_change=on_change) if plan.breaker else None
     if breaker is not None:
         source = breaker(source)
+    if traced is not None:
+        source = traced[0](source)
     return Guarded(source, breaker, retry, limit, hedge, latency)

@@ -45,6 +45,10 @@ class Call:
     headers: Mapping[str, str] = field(default_factory=dict)
     max_rows: int = 1000
     """SQL: the most rows the result may hold; a larger result is the call's error."""
+    trace: str = ""
+    """The W3C `traceparent` the call carries (HTTP header, SQL comment); "" for none."""
+    tracestate: str = ""
+    """The client's `tracestate`, bounded, passed on with `trace` over HTTP."""
 
 
 Source = Callable[[Call], Awaitable[JSON]]

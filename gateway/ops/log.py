@@ -19,7 +19,7 @@ import orjson
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.core.context import RequestContext, current
+from gateway.core.context import RequestContext, begin_trace, current
 
 
 def configure(fmt: str | None = None, level: int | None = None) -> None:
@@ -198,8 +198,9 @@ Observer = Callable[[Scope, RequestContext, int, float], None]
 
 
 class AccessLog:
-    """Pure ASGI middleware: binds the request id, echoes it, logs one line per request and
-    tells `observe` (the request metrics) about it."""
+    """Pure ASGI middleware: binds the request id, echoes it, reads or starts the request's W3C
+    trace context, logs one line per request (with its `trace_id`) and tells `observe` (the
+    request metrics) about it."""
 
     def __init__(self, app: ASGIApp, observe: Observer | None = None) -> None:
         self.app = app
@@ -215,6 +216,7 @@ class AccessLog:
         start = time.perf_counter()
         arrived = asyncio.get_running_loop().time()
         info = RequestContext(_request_id(scope), arrived, dict(scope["headers"]))
+        begin_trace(info)
         token = current.set(info)
         status = 500
         header = (b"x-request-id", info.request_id.encode("latin-1"))
@@ -245,5 +247,6 @@ class AccessLog:
                 complete=info.complete,
                 calls=info.calls or None,
                 fanout=info.fanout,
+                trace_id=info.trace_id,
             )
             current.reset(token)
