@@ -25,7 +25,8 @@ from gateway.core.plan import (
     guard,
     open_upstream,
 )
-from gateway.core.runner import Runner, Seeing, runners
+from gateway.core.runner import Runner, runners
+from gateway.core.seeing import Seeing
 from gateway.core.types import Call, Upstream
 from gateway.ops import admin
 from gateway.ops.metrics import Metrics
