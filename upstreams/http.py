@@ -32,7 +32,6 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import httpx
 import yarl
 from multidict import CIMultiDict
 
@@ -89,6 +88,32 @@ async def http_source(name: str, cfg: HttpSettings) -> Upstream:
     return _aiohttp_upstream(name, cfg, cfg.propagation)
 
 
+# httpx is an extra (`pip install '.[httpx]'`), imported by the first `client: httpx` source;
+# until then no httpx error can happen, and `map_errors` catches none.
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,)
+_TIMEOUT_ERRORS: tuple[type[BaseException], ...] = ()
+_OTHER_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError)
+
+HTTPX_MISSING = "client: httpx needs httpx: pip install '.[httpx]'"
+
+
+def httpx_installed() -> bool:
+    """Whether the `httpx` extra is installed (checked when a config asks for `client: httpx`)."""
+    import importlib.util
+
+    return importlib.util.find_spec("httpx") is not None
+
+
+def _load_httpx() -> Any:
+    global _CONNECT_ERRORS, _TIMEOUT_ERRORS, _OTHER_ERRORS
+    import httpx
+
+    _CONNECT_ERRORS = (aiohttp.ClientConnectorError, httpx.ConnectError)
+    _TIMEOUT_ERRORS = (httpx.TimeoutException,)
+    _OTHER_ERRORS = (aiohttp.ClientError, httpx.HTTPError, httpx.InvalidURL, OSError)
+    return httpx
+
+
 @contextmanager
 def map_errors(source: str) -> Iterator[None]:
     """Translate aiohttp, httpx and socket errors into `SourceError`s; let all else through."""
@@ -99,11 +124,11 @@ def map_errors(source: str) -> Iterator[None]:
         # CancelledError is a BaseException and is never caught here; nor is anything that is
         # not a network or protocol error, because that is a bug.
         raise
-    except (aiohttp.ClientConnectorError, httpx.ConnectError) as exc:
+    except _CONNECT_ERRORS as exc:
         raise SourceUnavailable(f"{source}: cannot connect: {exc}", connect=True) from exc
-    except httpx.TimeoutException as exc:
+    except _TIMEOUT_ERRORS as exc:
         raise SourceTimeout(f"{source}: {type(exc).__name__}") from exc
-    except (aiohttp.ClientError, httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+    except _OTHER_ERRORS as exc:
         raise SourceUnavailable(f"{source}: {type(exc).__name__}: {exc}") from exc
     except ValueError as exc:
         # A value the client cannot put on the wire (httpx encodes header values as ASCII only):
@@ -160,6 +185,7 @@ def _aiohttp_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstre
 
 
 def _httpx_upstream(name: str, cfg: HttpSettings, prop: Propagation) -> Upstream:
+    httpx = _load_httpx()
     limits = httpx.Limits(
         max_connections=cfg.pool.max,
         max_keepalive_connections=cfg.pool.max,

@@ -25,7 +25,14 @@ from gateway.config.sources import Model, SourceModel
 from gateway.core.types import Upstream
 from upstreams import mysql, sqlite
 from upstreams import postgresql as pg
-from upstreams.http import HttpPoolSettings, HttpSettings, Propagation, http_source
+from upstreams.http import (
+    HTTPX_MISSING,
+    HttpPoolSettings,
+    HttpSettings,
+    Propagation,
+    http_source,
+    httpx_installed,
+)
 from upstreams.sql import SqlPoolSettings, SqlSettings
 
 
@@ -90,6 +97,8 @@ class HttpSourceConfig(SourceModel):
     def _http2_needs_httpx(self) -> HttpSourceConfig:
         if self.http2 and self.client != "httpx":
             raise ValueError("http2: true needs client: httpx")
+        if self.client == "httpx" and not httpx_installed():
+            raise ValueError(HTTPX_MISSING)
         return self
 
 
