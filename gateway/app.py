@@ -28,10 +28,25 @@ from gateway.edge.openapi import endpoint_paths, install_docs, validation_schema
 from gateway.edge.routing import Edge
 from gateway.ops import admin, log
 from gateway.ops.diagnostics import LoopLag, start_tracing_from_env
-from gateway.ops.metrics import Metrics, multiprocess_dir, request_observer, sample_forever
+from gateway.ops.metrics import (
+    Metrics,
+    multiprocess_dir,
+    process_families,
+    request_observer,
+    sample_forever,
+)
 from gateway.ops.metrics import endpoint as metrics_endpoint
 from gateway.ops.readiness import Readiness
 from gateway.ops.stats import Stats
+from gateway.workers import (
+    Ack,
+    Everywhere,
+    WorkerDir,
+    WorkersCollector,
+    follow,
+    reload_everywhere,
+    share_snapshots,
+)
 
 _log = structlog.get_logger("gateway.app")
 
@@ -39,8 +54,10 @@ _log = structlog.get_logger("gateway.app")
 class Gateway:
     """The running gateway: its current runtime, replaced as a whole by a reload."""
 
-    def __init__(self, loaded: config_mod.LoadedConfig) -> None:
+    def __init__(self, loaded: config_mod.LoadedConfig, workers: WorkerDir | None = None) -> None:
         self.loaded = loaded
+        self.workers = workers
+        """The directory shared with sibling workers (`gateway serve --workers N`), or None."""
         self.plans: tuple[EndpointPlan, ...] = build_plans(loaded.config)
         self._runtime: runtime.Runtime | None = None
         self._reload_lock = asyncio.Lock()
@@ -97,12 +114,18 @@ class Gateway:
             self._runtime = None
 
     async def reload(self, path: str | None = None) -> runtime.Runtime:
-        """Load and validate the config again, start what changed, then swap atomically.
+        """Load and validate the config file again (this worker only), then `swap` to it.
 
         Raises `ConfigError` (and changes nothing) when the file is invalid.
         """
+        return await self.swap(config_mod.load(path or self.loaded.file))
+
+    async def swap(self, loaded: config_mod.LoadedConfig) -> runtime.Runtime:
+        """Start what changed for an already validated config, then swap to it atomically.
+
+        Raises `SourceError` (and changes nothing) when a new source cannot start.
+        """
         async with self._reload_lock:
-            loaded = config_mod.load(path or self.loaded.file)
             old = self.current()
             new = await runtime.start(loaded, previous=old)
             self.loaded, self.plans, self._runtime = loaded, tuple(new.plans.values()), new
@@ -124,15 +147,36 @@ class Gateway:
             task.add_done_callback(self._retiring.discard)
             return new
 
-    async def reload_logged(self) -> None:
-        """Reload, logging (not raising) a refused file: for SIGHUP and the file watcher."""
+    async def reload_all(
+        self, *, only_if_changed: bool = False
+    ) -> tuple[runtime.Runtime, Everywhere] | None:
+        """Reload the config file in every worker (this one alone without siblings); return the
+        new runtime here and every worker's answer, or None when workers share a directory,
+        `only_if_changed` is set and they run the file's text already (a sibling's watcher was
+        first).
+
+        Raises `ConfigError` or `SourceError` (and no worker changes) when this one cannot.
+        """
+        if self.workers is not None:
+            return await reload_everywhere(self, self.workers, only_if_changed=only_if_changed)
+        new = await self.reload()
+        return new, Everywhere(None, (Ack(os.getpid(), "reloaded"),))
+
+    async def reload_logged(self, *, only_if_changed: bool = False) -> None:
+        """Reload every worker, logging (not raising) a refused file: for SIGHUP and the file
+        watcher."""
         try:
-            await self.reload()
+            done = await self.reload_all(only_if_changed=only_if_changed)
         except ConfigError as exc:
             _log.warning("config_reload_refused", problems=[str(p) for p in exc.problems])
         except SourceError as exc:
             error = redact_text(str(exc), self.loaded.secrets)
             _log.warning("config_reload_failed", error=error)
+        else:
+            if done is not None and self.workers is not None:
+                _, everywhere = done
+                level = _log.warning if everywhere.failed else _log.info
+                level("config_reloaded_everywhere", **everywhere.report())
 
 
 async def _retire(old: runtime.Runtime, new: runtime.Runtime, grace: float) -> None:
@@ -148,16 +192,22 @@ def create_app(
     *,
     loaded: config_mod.LoadedConfig | None = None,
     watch: bool = False,
+    workers: WorkerDir | None = None,
 ) -> Edge:
     """Return the gateway app for a config file (or an already loaded config); `watch` reloads
-    it whenever the file changes."""
+    it whenever the file changes; `workers` is the directory shared with sibling workers."""
     if loaded is None:
         if config_path is None:
             raise ValueError("create_app needs a config path or a loaded config")
         loaded = config_mod.load(config_path)
     log.configure()
-    gw = Gateway(loaded)
+    gw = Gateway(loaded, workers)
     readiness = Readiness()
+
+    def snapshot() -> dict[str, Any]:
+        """This worker's statistics, for its siblings' answers."""
+        generation = workers.applied if workers is not None else None
+        return admin.worker_snapshot(gw.current(), gw.lag, generation)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -169,6 +219,13 @@ def create_app(
             background.append(asyncio.create_task(lifecycle.watch(gw)))
         if multiprocess_dir() is not None:
             background.append(asyncio.create_task(sample_forever(gw.metrics)))
+        if workers is not None:
+            background.append(asyncio.create_task(follow(gw, workers)))
+            background.append(
+                asyncio.create_task(
+                    share_snapshots(workers, snapshot, lambda: {"metrics": process_families()})
+                )
+            )
         hup = lifecycle.on_sighup(gw)
         term = lifecycle.on_sigterm(gw)
         try:
@@ -180,6 +237,8 @@ def create_app(
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if workers is not None:
+                workers.leave()
             await gw.lag.stop()
             await gw.stop()
             if multiprocess_dir() is not None:
@@ -201,6 +260,8 @@ def create_app(
     install_docs(app)
     app.state.gateway = gw
     gw.app = app
+    if workers is not None:
+        gw.metrics.workers = WorkersCollector(workers)
     app.add_api_route("/metrics", metrics_endpoint(gw.metrics), include_in_schema=False)
     token = admin.token_from_env()
     if token is not None:
@@ -272,8 +333,12 @@ def _no_framework_telemetry() -> dict[str, Any]:
 
 def app_from_env() -> Edge:
     """Return the app for `$GATEWAY_CONFIG` (the factory `gateway serve` gives uvicorn);
-    `GATEWAY_WATCH=1` reloads it whenever the file changes."""
+    `GATEWAY_WATCH=1` reloads it whenever the file changes. A worker of `--workers N` starts on
+    the latest config generation its siblings run (`GATEWAY_WORKERS_DIR`), not on the file."""
+    workers = WorkerDir.from_env()
     return create_app(
         os.environ.get("GATEWAY_CONFIG", "gateway.yaml"),
+        loaded=workers.starting() if workers is not None else None,
         watch=os.environ.get("GATEWAY_WATCH") == "1",
+        workers=workers,
     )

@@ -8,9 +8,15 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 from gateway.config import loader as config
 from gateway.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from gateway.workers import WorkerDir
 
 
 def check(path: str) -> int:
@@ -27,10 +33,12 @@ def check(path: str) -> int:
 def serve(
     path: str, host: str, port: int, workers: int, log_level: str, watch: bool = False
 ) -> int:
-    """Run the gateway under uvicorn (uvloop, httptools) until interrupted."""
+    """Run the gateway under uvicorn (uvloop, httptools) until interrupted; with `workers` > 1,
+    under uvicorn's supervisor, whose SIGHUP reloads every worker in place."""
     import uvicorn
 
     from gateway.edge.server import uvicorn_options
+    from gateway.workers import WORKERS_ENV, WorkerDir
 
     loaded = load_or_report(path)
     if loaded is None or not admin_token_ok():
@@ -44,24 +52,80 @@ def serve(
         # and each worker writes its metrics there for whichever worker a scrape reaches.
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    options = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "loop": "uvloop",
+        # httptools, one write per response; `server:`'s limits, keep-alive and drain time
+        **uvicorn_options(server.limits()),
+        "log_level": log_level,
+        "access_log": False,
+        "lifespan": "on",
+    }
+    shared = None
     try:
-        uvicorn.run(
-            "gateway.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            loop="uvloop",
-            # httptools, one write per response; `server:`'s limits, keep-alive and drain time
-            **uvicorn_options(server.limits()),
-            log_level=log_level,
-            access_log=False,
-            lifespan="on",
-        )
+        if workers <= 1:
+            uvicorn.run("gateway.app:app_from_env", **options)
+            return 0
+        # The workers' shared directory: every worker starts on generation 1, this very text,
+        # whatever the file holds by the time uvicorn starts (or restarts) it.
+        shared = tempfile.mkdtemp(prefix="gateway-workers-")
+        os.environ[WORKERS_ENV] = shared
+        WorkerDir(shared).publish(loaded.file, loaded.text)
+        supervise(uvicorn.Config("gateway.app:app_from_env", **options), WorkerDir(shared))
     finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for directory in (metrics_dir, shared):
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
     return 0
+
+
+def supervise(config: uvicorn.Config, shared: WorkerDir) -> None:
+    """Run uvicorn's worker supervisor for `config`, with SIGHUP reloading every worker in place
+    (`supervisor_reload`) instead of uvicorn's own answer, which replaces the workers one by one,
+    each reading the file anew (caches, pools and breaker states lost; workers on different
+    texts if the file changes meanwhile)."""
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    from gateway.ops import log
+
+    log.configure()  # the supervisor's own lines (SIGHUP's), as the workers write theirs
+    sock = config.bind_socket()
+    supervisor = Multiprocess(config, sockets=[sock])
+    path = os.environ["GATEWAY_CONFIG"]
+    supervisor.handle_hup = lambda: supervisor_reload(shared, path)  # type: ignore[method-assign]
+    try:
+        supervisor.run()
+    finally:
+        sock.close()
+
+
+def supervisor_reload(wd: WorkerDir, path: str) -> None:
+    """(In the supervisor, on SIGHUP) validate the file and publish it for every worker; a
+    thread logs their answers. A bad file is refused here: no worker sees it."""
+    import threading
+
+    import structlog
+
+    from gateway.workers import Everywhere
+
+    log = structlog.get_logger("gateway.app")
+    try:
+        loaded = config.load(path)
+    except ConfigError as exc:
+        log.warning("config_reload_refused", problems=[str(p) for p in exc.problems])
+        return
+    workers = wd.workers()
+    number = wd.publish(loaded.file, loaded.text)
+    log.info("config_published", generation=number, workers=len(workers))
+
+    def report() -> None:
+        done = Everywhere(number, tuple(wd.wait(number, workers)))
+        log.info("config_reloaded_everywhere", **done.report())
+
+    threading.Thread(target=report, name="gateway-reload-answers", daemon=True).start()
 
 
 def contract_test(config: str, paths: list[str], junit: str | None) -> int:

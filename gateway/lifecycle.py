@@ -25,7 +25,7 @@ class Running(Protocol):
     server: ServerConfig
     draining: bool
 
-    async def reload_logged(self) -> None: ...
+    async def reload_logged(self, *, only_if_changed: bool = False) -> None: ...
 
 
 async def watch(gw: Running, every_s: float = 1.0) -> None:
@@ -36,7 +36,8 @@ async def watch(gw: Running, every_s: float = 1.0) -> None:
         now = _mtime(gw.loaded.file)
         if now != seen:
             seen = now
-            await gw.reload_logged()
+            # Every worker watches the file: the first to see a change reloads them all.
+            await gw.reload_logged(only_if_changed=True)
 
 
 def _mtime(path: str) -> float | None:

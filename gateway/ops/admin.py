@@ -23,11 +23,13 @@ from cache.store import CacheUnavailable
 from gateway.config.redact import redact_text
 from gateway.core.errors import ConfigError, SourceError
 from gateway.ops.diagnostics import LoopLag, memory_report, process_report
-from gateway.ops.metrics import live_samples
+from gateway.ops.metrics import BREAKER_VALUES, live_samples
+from gateway.ops.stats import cache_summary, merge_windows, summary
 
 if TYPE_CHECKING:
     from gateway.config.loader import LoadedConfig
     from gateway.runtime import Runtime
+    from gateway.workers import Everywhere, WorkerDir
 
 TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 
@@ -39,10 +41,13 @@ class Administered(Protocol):
 
     loaded: LoadedConfig
     lag: LoopLag
+    workers: WorkerDir | None
 
     def current(self) -> Runtime: ...
 
-    async def reload(self, path: str | None = None) -> Runtime: ...
+    async def reload_all(
+        self, *, only_if_changed: bool = False
+    ) -> tuple[Runtime, Everywhere] | None: ...
 
 
 class PurgeRequest(BaseModel):
@@ -129,14 +134,18 @@ def router(gw: Administered, token: str) -> APIRouter:
         "/reload",
         responses={
             400: {"description": "the file is invalid: its `file:line` problems; nothing changed"},
-            502: {"description": "a new source could not start; nothing changed"},
+            502: {
+                "description": "a new source could not start (nothing changed), or some workers "
+                "did not reload (`workers.failed` says which and why)"
+            },
         },
     )
     async def reload() -> JSONResponse:
-        """Validate the config file again and swap to it; a bad file changes nothing (400)."""
+        """Validate the config file again and swap every worker to it; a bad file changes
+        nothing (400). `workers` says how many reloaded and which did not."""
         old = gw.current()
         try:
-            new = await gw.reload()
+            done = await gw.reload_all()
         except ConfigError as exc:
             _log.warning("config_reload_refused", problems=[str(p) for p in exc.problems])
             return JSONResponse(
@@ -149,12 +158,26 @@ def router(gw: Administered, token: str) -> APIRouter:
             return JSONResponse(
                 {"error": "a new source could not start", "detail": detail}, status_code=502
             )
-        return JSONResponse({"status": "reloaded", "file": new.loaded.file, **changes(old, new)})
+        assert done is not None  # only a watcher asks to skip an unchanged file
+        new, everywhere = done
+        body = {
+            "status": "partly reloaded" if everywhere.failed else "reloaded",
+            "file": new.loaded.file,
+            **changes(old, new),
+            "workers": everywhere.report(),
+        }
+        return JSONResponse(body, status_code=502 if everywhere.failed else 200)
 
     @api.get("/sources")
     async def sources() -> JSONResponse:
-        """Live statistics of every source over the sliding window, with why its calls failed."""
-        return JSONResponse(sources_report(gw.current(), gw.lag))
+        """Live statistics of every source over the sliding window, with why its calls failed;
+        under `--workers N`, every worker's merged (see `workers`)."""
+        report = sources_report(gw.current(), gw.lag)
+        if gw.workers is not None:
+            siblings = await asyncio.to_thread(gw.workers.snapshots)
+            own = worker_snapshot(gw.current(), gw.lag, gw.workers.applied)
+            report = merged_report(report, own, siblings)
+        return JSONResponse(report)
 
     @api.get("/debug/memory", responses={409: {"description": "tracemalloc is off"}})
     async def memory(limit: int = Query(10, ge=1, le=100)) -> JSONResponse:
@@ -225,6 +248,82 @@ def sources_report(rt: Runtime, lag: LoopLag | None = None) -> dict[str, Any]:
         "cache": rt.stats.cache.snapshot(),
         "process": {**process_report(lag), "cache_pool": _cache_pool(rt)},
     }
+
+
+MERGED = (
+    "counts are summed over the workers; percentiles come from their latency histograms "
+    "merged (exact to one 5 % bin, as in one worker); breaker: the most open worker's (each "
+    "worker's in `breakers`); pool: summed; `process` is the answering worker's. Other workers' "
+    "figures are as of their last snapshot (`age_s`, written every second)."
+)
+"""How `/admin/sources` merges workers, said in its answer."""
+
+
+def worker_snapshot(rt: Runtime, lag: LoopLag | None, generation: int | None) -> dict[str, Any]:
+    """Return what one worker shares with its siblings every second: its raw window counts,
+    each source's breaker and pool, its process report and the config generation it runs."""
+    live: dict[str, dict[str, float]] = {}
+    for metric, source, value in live_samples(rt):
+        live.setdefault(source, {})[metric.removeprefix("gateway_")] = value
+    guards = {
+        name: g.breaker.state if g.breaker is not None else None for name, g in rt.guards.items()
+    }
+    return {
+        "pid": os.getpid(),
+        "time": time.time(),
+        "generation": generation,
+        "window": rt.stats.window(),
+        "breakers": guards,
+        "pools": {
+            name: {k: values.get(f"pool_{k}") for k in ("size", "in_use", "max")}
+            for name, values in live.items()
+        },
+        "process": {**process_report(lag), "cache_pool": _cache_pool(rt)},
+    }
+
+
+def merged_report(
+    report: dict[str, Any], own: dict[str, Any], siblings: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """Return `report` (this worker's `sources_report`) with every source's and the cache's
+    statistics merged over this worker's snapshot `own` and its siblings' (see `MERGED`)."""
+    everyone = [own, *(siblings[pid] for pid in sorted(siblings))]
+    now = time.time()
+    for name, source in report["sources"].items():
+        if "timeout_ms" not in source:
+            continue  # no statistics here (a source that just left): nothing to merge into
+        windows = [s["window"]["sources"][name] for s in everyone if name in s["window"]["sources"]]
+        breakers = {str(s["pid"]): s["breakers"].get(name) for s in everyone}
+        states = [b for b in breakers.values() if b is not None]
+        pools = [s["pools"][name] for s in everyone if name in s["pools"]]
+        source.update(summary(merge_windows(windows), source["timeout_ms"]))
+        source["breaker"] = max(states, key=BREAKER_VALUES.__getitem__) if states else None
+        source["breakers"] = breakers
+        source["pool"] = {k: _sum(p.get(k) for p in pools) for k in ("size", "in_use", "max")}
+    caches = [s["window"]["cache"] for s in everyone]
+    report["cache"] = cache_summary({k: sum(c[k] for c in caches) for k in ("lookups", "hits")})
+    report["workers"] = {
+        "count": len(everyone),
+        "merged": MERGED,
+        "each": [
+            {
+                "pid": s["pid"],
+                "age_s": round(max(0.0, now - s["time"]), 2),
+                "generation": s["generation"],
+                "calls": {
+                    name: sum(w["outcomes"].values()) for name, w in s["window"]["sources"].items()
+                },
+                "process": s["process"],
+            }
+            for s in everyone
+        ],
+    }
+    return report
+
+
+def _sum(values: Any) -> float | None:
+    found = [v for v in values if v is not None]
+    return sum(found) if found else None
 
 
 def _cache_pool(rt: Runtime) -> dict[str, int] | None:

@@ -8,6 +8,10 @@ reads. Pool usage and breaker states are read
 from the running sources: at scrape time in one process, and by a once-a-second sampler per
 worker in multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` set, as `gateway serve --workers N`
 does), where a scrape reaches one worker but must report them all.
+
+prometheus_client's process and Python collectors (`process_*`, `python_gc_*`, `python_info`)
+describe the process that answers the scrape; in multiprocess mode each worker shares its own
+(`process_families`) and a scrape reports every worker's by `pid` (`gateway.workers`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
@@ -67,6 +74,9 @@ BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 LiveSample = tuple[str, str, float]
 """(metric name, source, value) read from a running source."""
 
+Family = tuple[str, str, str, list[tuple[str, dict[str, str], float]]]
+"""One metric family as plain data: (name, type, help, [(sample name, labels, value)])."""
+
 
 class Live(Protocol):
     """The running sources, as the live samples read them (`gateway.runtime.Runtime`)."""
@@ -86,6 +96,12 @@ _LIVE_HELP = {
 }
 
 
+_OWN: tuple[Collector, ...] = (
+    ProcessCollector(registry=None),
+    GCCollector(registry=CollectorRegistry()),  # it must register somewhere: not in ours
+)
+
+
 def multiprocess_dir() -> str | None:
     """Return the multiprocess-mode directory, or None in single-process mode."""
     return os.environ.get(MULTIPROC_ENV) or None
@@ -97,6 +113,12 @@ class Metrics:
     def __init__(self, current: Callable[[], Live | None] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.workers: Collector | None = None
+        """Every worker's process samples, for multiprocess scrapes (`gateway.workers`)."""
+        # The process's own samples, apart: `registry` holds the gateway's series alone.
+        self.process_registry = CollectorRegistry()
+        for collector in (*_OWN, PlatformCollector(registry=None)):
+            self.process_registry.register(collector)
         self.requests = Counter(
             "gateway_requests", "Requests by route and status.", ["endpoint", "status"], registry=r
         )
@@ -265,11 +287,15 @@ class Metrics:
         self.breaker_transitions.labels(source, state).inc()
 
     def exposition(self) -> bytes:
-        """Return the text exposition: this registry, or every worker's in multiprocess mode."""
+        """Return the text exposition: this registry and this process's samples, or every
+        worker's in multiprocess mode."""
         if multiprocess_dir() is None:
-            return generate_latest(self.registry)
+            return generate_latest(self.registry) + generate_latest(self.process_registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        PlatformCollector(registry=registry)
+        if self.workers is not None:
+            registry.register(self.workers)
         return generate_latest(registry)
 
     def sample(self, runtime: Live) -> None:
@@ -320,6 +346,17 @@ class LiveCollector(Collector):
             for name, source, value in live_samples(runtime):
                 families[name].add_metric([source], value)
         return iter(families.values())
+
+
+def process_families() -> list[Family]:
+    """Return this process's samples of prometheus_client's process and garbage collector
+    collectors, as plain data another worker's scrape can report."""
+    families = []
+    for collector in _OWN:
+        for m in collector.collect():
+            samples = [(s.name, dict(s.labels), s.value) for s in m.samples]
+            families.append((m.name, m.type, m.documentation, samples))
+    return families
 
 
 async def sample_forever(metrics: Metrics) -> None:

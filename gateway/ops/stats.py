@@ -7,6 +7,10 @@ Recording is on the hot path, so it is a few integer increments: time is cut int
 percentiles are exact to one bin (the bin's upper edge is reported). Failure reasons are counted
 per slot too, each slot keeping at most `MAX_REASONS` distinct ones of at most `REASON_CHARS`
 characters, so an upstream that fails in ever new ways cannot grow them.
+
+Under `gateway serve --workers N` each worker counts its own calls; `window()` gives the raw
+counts another worker merges (`merge_windows`) before `summary` computes the percentiles, so
+merged percentiles are those of every worker's calls, exact to one bin as in one process.
 """
 
 from __future__ import annotations
@@ -114,52 +118,110 @@ class SourceStats:
             if outcome in ANSWERED:
                 slot.answered[b] += 1
 
-    def snapshot(self) -> dict[str, Any]:
-        """Return counts, ratios, p50/p95/p99 (ms), the cut share, a suggested timeout and the
-        most frequent failure reasons with their counts."""
+    def window(self) -> dict[str, Any]:
+        """Return the window's raw counts as plain data (outcomes, reasons, and the latency
+        histograms as sparse [bin, count] pairs): what `summary` reads, and what workers merge."""
         oldest = int(self._clock() // self._width) - len(self._slots)
         live = [s for s in self._slots if s.epoch > oldest]
-        outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        outcomes: dict[str, int] = {}
+        reasons: dict[str, int] = {}
         for s in live:
             for name, n in s.outcomes.items():
                 outcomes[name] = outcomes.get(name, 0) + n
-        attempted = _merge(s.attempted for s in live)
-        answered = _merge(s.answered for s in live)
-        count = sum(outcomes.values())
-        tried = sum(attempted)
-        cut = outcomes["timeout"] / tried if tried else 0.0
-        ok_p99 = _percentile(answered, 0.99)
-        suggested, note = self._suggest(sum(answered), ok_p99, cut)
-        reasons: dict[str, int] = {}
-        for s in live:
             for reason, n in s.reasons.items():
                 reasons[reason] = reasons.get(reason, 0) + n
-        top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]
         return {
-            "count": count,
             "outcomes": outcomes,
-            "ratios": {k: round(v / count, 4) if count else 0.0 for k, v in outcomes.items()},
-            "p50_ms": _percentile(attempted, 0.50),
-            "p95_ms": _percentile(attempted, 0.95),
-            "p99_ms": _percentile(attempted, 0.99),
-            "ok_p99_ms": ok_p99,
-            "timeout_ms": self.timeout_ms,
-            "cut_by_timeout": round(cut, 4),
-            "suggested_timeout_ms": suggested,
-            "suggestion": note,
-            "reasons": [{"reason": reason, "count": n} for reason, n in top],
+            "reasons": reasons,
+            "attempted": _sparse(_merge(s.attempted for s in live)),
+            "answered": _sparse(_merge(s.answered for s in live)),
         }
 
-    def _suggest(self, answered: int, ok_p99: float | None, cut: float) -> tuple[int | None, str]:
-        if cut > MAX_CUT_RATIO:
-            return None, (
-                f"{cut:.1%} of calls were cut at {self.timeout_ms} ms, so the real p99 lies "
-                "beyond it: raise the timeout to measure it"
-            )
-        if ok_p99 is None or answered < MIN_OK_CALLS:
-            return None, f"fewer than {MIN_OK_CALLS} successful calls in the window"
-        ms = max(ROUND_MS, math.ceil(ok_p99 * MARGIN / ROUND_MS) * ROUND_MS)
-        return ms, f"p99 of successful calls x {MARGIN:g}, rounded up to {ROUND_MS} ms"
+    def snapshot(self) -> dict[str, Any]:
+        """Return counts, ratios, p50/p95/p99 (ms), the cut share, a suggested timeout and the
+        most frequent failure reasons with their counts."""
+        return summary(self.window(), self.timeout_ms)
+
+
+def merge_windows(windows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Return one window holding every given `SourceStats.window()`'s counts (counts summed,
+    histograms summed bin by bin, so percentiles of the result are those of all calls)."""
+    outcomes: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    attempted = [0] * _BINS
+    answered = [0] * _BINS
+    for w in windows:
+        for name, n in w["outcomes"].items():
+            outcomes[name] = outcomes.get(name, 0) + n
+        for reason, n in w["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+        for into, pairs in ((attempted, w["attempted"]), (answered, w["answered"])):
+            for i, n in pairs:
+                if 0 <= i < _BINS:
+                    into[i] += n
+    return {
+        "outcomes": outcomes,
+        "reasons": reasons,
+        "attempted": _sparse(attempted),
+        "answered": _sparse(answered),
+    }
+
+
+def summary(window: Mapping[str, Any], timeout_ms: int) -> dict[str, Any]:
+    """Return a window's counts, ratios, p50/p95/p99 (ms), cut share, suggested timeout (for a
+    source whose timeout is `timeout_ms`) and its most frequent failure reasons."""
+    outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+    for name, n in window["outcomes"].items():
+        outcomes[name] = outcomes.get(name, 0) + n
+    attempted = _dense(window["attempted"])
+    answered = _dense(window["answered"])
+    count = sum(outcomes.values())
+    tried = sum(attempted)
+    cut = outcomes["timeout"] / tried if tried else 0.0
+    ok_p99 = _percentile(answered, 0.99)
+    suggested, note = _suggest(timeout_ms, sum(answered), ok_p99, cut)
+    reasons: dict[str, int] = window["reasons"]
+    top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS]
+    return {
+        "count": count,
+        "outcomes": outcomes,
+        "ratios": {k: round(v / count, 4) if count else 0.0 for k, v in outcomes.items()},
+        "p50_ms": _percentile(attempted, 0.50),
+        "p95_ms": _percentile(attempted, 0.95),
+        "p99_ms": _percentile(attempted, 0.99),
+        "ok_p99_ms": ok_p99,
+        "timeout_ms": timeout_ms,
+        "cut_by_timeout": round(cut, 4),
+        "suggested_timeout_ms": suggested,
+        "suggestion": note,
+        "reasons": [{"reason": reason, "count": n} for reason, n in top],
+    }
+
+
+def _suggest(
+    timeout_ms: int, answered: int, ok_p99: float | None, cut: float
+) -> tuple[int | None, str]:
+    if cut > MAX_CUT_RATIO:
+        return None, (
+            f"{cut:.1%} of calls were cut at {timeout_ms} ms, so the real p99 lies "
+            "beyond it: raise the timeout to measure it"
+        )
+    if ok_p99 is None or answered < MIN_OK_CALLS:
+        return None, f"fewer than {MIN_OK_CALLS} successful calls in the window"
+    ms = max(ROUND_MS, math.ceil(ok_p99 * MARGIN / ROUND_MS) * ROUND_MS)
+    return ms, f"p99 of successful calls x {MARGIN:g}, rounded up to {ROUND_MS} ms"
+
+
+def _sparse(histogram: list[int]) -> list[list[int]]:
+    return [[i, n] for i, n in enumerate(histogram) if n]
+
+
+def _dense(pairs: Iterable[Iterable[int]]) -> list[int]:
+    histogram = [0] * _BINS
+    for i, n in pairs:
+        if 0 <= i < _BINS:
+            histogram[i] += n
+    return histogram
 
 
 def _merge(histograms: Iterable[list[int]]) -> list[int]:
@@ -199,14 +261,25 @@ class CacheStats:
         elif event in ("miss", "bypass"):
             self._window.add(1, 0)
 
+    def window(self) -> dict[str, int]:
+        """Return the window's lookups and hits: what `cache_summary` reads, and what workers
+        sum."""
+        lookups, hits = self._window.counts()
+        return {"lookups": lookups, "hits": hits}
+
     def snapshot(self) -> dict[str, Any]:
         """Return lookups, lookups answered from storage, and their ratio."""
-        lookups, hits = self._window.counts()
-        return {
-            "lookups": lookups,
-            "hits": hits,
-            "hit_ratio": round(hits / lookups, 4) if lookups else None,
-        }
+        return cache_summary(self.window())
+
+
+def cache_summary(window: Mapping[str, int]) -> dict[str, Any]:
+    """Return a cache window's lookups, hits and hit ratio."""
+    lookups, hits = window["lookups"], window["hits"]
+    return {
+        "lookups": lookups,
+        "hits": hits,
+        "hit_ratio": round(hits / lookups, 4) if lookups else None,
+    }
 
 
 class Stats:
@@ -230,6 +303,15 @@ class Stats:
             else:
                 fresh[name] = SourceStats(plan.timeout_ms, self.window_s, clock=self._clock)
         self.sources, self._plans = fresh, dict(plans)
+
+    def window(self) -> dict[str, Any]:
+        """Return every source's and the cache's raw window counts, as plain data for another
+        worker to merge."""
+        return {
+            "window_s": self.window_s,
+            "sources": {name: s.window() for name, s in self.sources.items()},
+            "cache": self.cache.window(),
+        }
 
     def calls(self, plan: EndpointPlan, composite: Composite) -> None:
         """Count every call of one fan-out under its source, all as of the fan-out's end, with
