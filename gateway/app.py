@@ -38,6 +38,7 @@ from gateway.ops.metrics import (
 from gateway.ops.metrics import endpoint as metrics_endpoint
 from gateway.ops.readiness import Readiness
 from gateway.ops.stats import Stats
+from gateway.ops.token import token_from_env
 from gateway.workers import (
     Ack,
     Everywhere,
@@ -263,7 +264,7 @@ def create_app(
     if workers is not None:
         gw.metrics.workers = WorkersCollector(workers)
     app.add_api_route("/metrics", metrics_endpoint(gw.metrics), include_in_schema=False)
-    token = admin.token_from_env()
+    token = token_from_env()
     if token is not None:
         app.include_router(admin.router(gw, token))
 

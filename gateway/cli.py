@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from gateway.config import loader as config
 from gateway.core.errors import ConfigError
+from gateway.ops.token import token_from_env
 
 if TYPE_CHECKING:
     import uvicorn
@@ -151,10 +152,9 @@ def load_or_report(path: str) -> config.LoadedConfig | None:
 
 def admin_token_ok() -> bool:
     """Return whether `GATEWAY_ADMIN_TOKEN` is unset or long enough; otherwise print why not."""
-    from gateway.ops import admin
 
     try:
-        admin.token_from_env()
+        token_from_env()
     except ValueError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return False

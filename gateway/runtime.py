@@ -28,9 +28,9 @@ from gateway.core.plan import (
 from gateway.core.runner import Runner, runners
 from gateway.core.seeing import Seeing
 from gateway.core.types import Call, Upstream
-from gateway.ops import admin
 from gateway.ops.metrics import Metrics
 from gateway.ops.stats import Stats
+from gateway.ops.token import token_from_env
 from gateway.ops.tracing import Tracing, tracing_for
 
 _log = structlog.get_logger("gateway.runtime")
@@ -154,7 +154,7 @@ async def start(
 def explain_token() -> bytes | None:
     """Return the admin token that `X-Gateway-Explain` needs, or None (no admin: no explain)."""
     try:
-        token = admin.token_from_env()
+        token = token_from_env()
     except ValueError:  # too short: the app refuses to start; a bare runtime explains nothing
         return None
     return None if token is None else token.strip().encode()

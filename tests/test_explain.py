@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from gateway.demo.simulator import UpstreamServer, json_body
-from gateway.ops.admin import TOKEN_ENV
+from gateway.ops.token import TOKEN_ENV
 from tests.serving import serving_config
 from tests.support import get
 from tests.test_tracing import things_config

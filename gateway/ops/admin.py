@@ -25,13 +25,12 @@ from gateway.core.errors import ConfigError, SourceError
 from gateway.ops.diagnostics import LoopLag, memory_report, process_report
 from gateway.ops.metrics import BREAKER_VALUES, live_samples
 from gateway.ops.stats import cache_summary, merge_windows, summary
+from gateway.ops.token import TOKEN_ENV
 
 if TYPE_CHECKING:
     from gateway.config.loader import LoadedConfig
     from gateway.runtime import Runtime
     from gateway.workers import Everywhere, WorkerDir
-
-TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 
 _log = structlog.get_logger("gateway.admin")
 
@@ -69,25 +68,6 @@ class PurgeRequest(BaseModel):
 _BEARER = Depends(
     HTTPBearer(auto_error=False, scheme_name="adminToken", description=f"the value of {TOKEN_ENV}")
 )
-
-
-MIN_TOKEN_CHARS = 16
-"""The shortest admin token accepted: a shorter one could be guessed over the network."""
-
-
-def token_from_env() -> str | None:
-    """Return the admin token, or None when admin is disabled (unset or empty).
-
-    Raises `ValueError` (the gateway does not start) when the token is shorter than
-    `MIN_TOKEN_CHARS`: an admin that looks protected and is not is worse than none.
-    """
-    token = os.environ.get(TOKEN_ENV) or None
-    if token is not None and len(token.strip()) < MIN_TOKEN_CHARS:
-        raise ValueError(
-            f"{TOKEN_ENV} is {len(token.strip())} characters long; it must have at least "
-            f"{MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 24`), or be unset to disable the admin API"
-        )
-    return token
 
 
 def authorizer(token: str) -> Any:
