@@ -104,6 +104,20 @@ async def test_dashboard_shows_every_source_of_the_config(
             shot = ARTIFACTS / "dashboard.png"
             assert await asyncio.to_thread(driver.save_screenshot, str(shot))
             assert shot.stat().st_size > 10_000
+            # Explain a request by its path: the answer's _explain, with the page's token.
+            field = driver.find_element(By.ID, "explain-url")
+            await asyncio.to_thread(field.send_keys, "/products/42")
+            await asyncio.to_thread(
+                driver.find_element(By.CSS_SELECTOR, "#explain-form button").click
+            )
+            out = driver.find_element(By.ID, "explain-out")
+            for _ in range(100):
+                if out.get_attribute("data-done") == "true":
+                    break
+                await asyncio.sleep(0.1)
+            text = out.text
+            assert text.startswith("HTTP 200"), text
+            assert '"cache"' in text and '"budget"' in text and '"trace_id"' in text, text
         finally:
             await asyncio.to_thread(driver.quit)
             shutil.rmtree(profile, ignore_errors=True)
