@@ -26,7 +26,7 @@ from gateway.core.gathering import Gathering
 from gateway.core.merge import answer, with_stale_age
 from gateway.core.plan import EndpointPlan
 from gateway.core.runner import JSON_TYPE, Observe, Reply, Runner, parse_params, parse_value
-from gateway.core.seeing import EXPLAIN, no_store, with_explain
+from gateway.core.seeing import no_store, with_explain
 from gateway.core.types import Source
 
 IDS = "*ids"
@@ -91,19 +91,7 @@ class ListRunner:
     async def __call__(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
         """Answer one listing: its ids, each item from the cache or computed with the others."""
         ctx.endpoint = self.plan.id
-        seeing = self.item.seeing
-        if EXPLAIN in ctx.headers:
-            seeing.may_explain(ctx)
-        if seeing.tracing is None:
-            return await self.answer(ctx, params)
-        seeing.begin(ctx)
-        status = None
-        try:
-            reply = await self.answer(ctx, params)
-            status = reply[0]
-            return reply
-        finally:
-            seeing.end(ctx, status)
+        return await self.item.seeing.serve(ctx, params, self.answer)
 
     async def answer(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
         """Return the listing's answer, `_explain` in it when `ctx` is explained."""

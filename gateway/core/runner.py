@@ -23,14 +23,11 @@ from gateway.core.context import RequestContext
 from gateway.core.executor import Composite, execute
 from gateway.core.merge import answer, with_stale_age
 from gateway.core.plan import PERSONAL_HEADERS, EndpointPlan, ParamPlan
-from gateway.core.seeing import EXPLAIN, Seeing, explanation, no_store, with_explain
+from gateway.core.seeing import Reply, Seeing, explanation, no_store, with_explain
 from gateway.core.types import Source
 
 JSON_TYPE = (b"content-type", b"application/json")
 
-Headers = list[tuple[bytes, bytes]]
-Reply = tuple[int, Headers, bytes]
-"""A response as the edge sends it: status, headers (without content-length) and body."""
 
 Observe = Callable[[EndpointPlan, Composite], None]
 """Told about every fan-out that ran, background refreshes included (metrics and statistics)."""
@@ -106,19 +103,7 @@ class Runner:
     async def __call__(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
         """Answer one request: from the cache, or from a fan-out run (once per key) for it."""
         ctx.endpoint = self.plan.id
-        seeing = self.seeing
-        if EXPLAIN in ctx.headers:
-            seeing.may_explain(ctx)
-        if seeing.tracing is None:
-            return await self.answer(ctx, params)
-        seeing.begin(ctx)
-        status = None
-        try:
-            reply = await self.answer(ctx, params)
-            status = reply[0]
-            return reply
-        finally:
-            seeing.end(ctx, status)
+        return await self.seeing.serve(ctx, params, self.answer)
 
     async def answer(self, ctx: RequestContext, params: Mapping[str, Any]) -> Reply:
         """Return the answer to one request, `_explain` in it when `ctx` is explained."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,6 +16,10 @@ from gateway.core.executor import Composite
 from upstreams.breaker import Breaker
 
 Headers = list[tuple[bytes, bytes]]
+Reply = tuple[int, Headers, bytes]
+"""A response as the edge sends it: status, headers (without content-length) and body."""
+
+Answer = Callable[[RequestContext, Mapping[str, Any]], Awaitable[Reply]]
 
 
 class Tracer(Protocol):
@@ -54,6 +58,22 @@ class Seeing:
         # compare_digest: how long the comparison takes says nothing about the token.
         if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
             ctx.explain = {}
+
+    async def serve(self, ctx: RequestContext, params: Mapping[str, Any], answer: Answer) -> Reply:
+        """Return `answer`'s reply, explained when `ctx` asks for it with the token, and inside
+        the request's span when traces are exported."""
+        if EXPLAIN in ctx.headers:
+            self.may_explain(ctx)
+        if self.tracing is None:
+            return await answer(ctx, params)
+        self.begin(ctx)
+        status = None
+        try:
+            reply = await answer(ctx, params)
+            status = reply[0]
+            return reply
+        finally:
+            self.end(ctx, status)
 
     def begin(self, ctx: RequestContext) -> None:
         """Start the request's span, when traces are exported."""
