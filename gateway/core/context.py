@@ -4,6 +4,7 @@ with the request's W3C trace context (`traceparent`, `tracestate`), read or star
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from random import getrandbits
@@ -40,6 +41,7 @@ class RequestContext:
         "request_id",
         "span",
         "span_id",
+        "started",
         "trace_id",
         "tracestate",
         "watch",
@@ -48,6 +50,9 @@ class RequestContext:
     def __init__(self, request_id: str, arrived: float, headers: Mapping[bytes, bytes]) -> None:
         self.request_id = request_id
         self.arrived = arrived
+        self.started = time.perf_counter()
+        """When the request arrived by `time.perf_counter()`, for durations finer than the
+        loop's clock (uvloop's moves in whole milliseconds)."""
         self.headers = headers
         self.deadline = float("inf")
         self.watch: Callable[[], bool] = _in_request
