@@ -11,10 +11,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from gateway.config.kinds import SourceConfig
+from gateway.config.server import ServerConfig
 from gateway.config.sources import Millis, Model
 from gateway.core import templates
-from gateway.edge.limits import DEFAULT_LIMITS as _LIMITS
-from gateway.edge.limits import ConnectionLimits
 
 Seconds = Annotated[int, Field(ge=0, le=30 * 86400)]
 
@@ -113,6 +112,26 @@ class CallConfig(Model):
     """A sql call's result may hold this many rows; more is that call's `error`."""
     ignore_upstream_cache_control: bool = False
     """Whether this call's upstream `Cache-Control` is ignored for the composite's caching."""
+    schema_: dict[str, Any] | None = Field(
+        default=None,
+        alias="schema",
+        examples=[{"type": "array", "items": {"type": "integer"}}],
+    )
+    """The JSON Schema of this call's result (before `select` narrows it): the OpenAPI
+    document's type for it, and what `validate` checks."""
+    schema_file: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        default=None, examples=["schemas/price.yaml"]
+    )
+    """Or: a JSON or YAML file holding that schema, relative to the config file's directory."""
+    validate_: bool | None = Field(default=None, alias="validate", examples=[True])
+    """`true`: a result that breaks the schema is this call's `error` (reason `schema`);
+    default: the endpoint's `validate`."""
+
+    @model_validator(mode="after")
+    def _one_schema(self) -> CallConfig:
+        if self.schema_ is not None and self.schema_file is not None:
+            raise ValueError("give schema (inline) or schema_file, not both")
+        return self
 
     @property
     def has_fallback(self) -> bool:
@@ -227,6 +246,9 @@ class EndpointConfig(Model):
     )
     """The document field by field (`title: product.name`); without it, each call's result
     sits under its call's name."""
+    validate_: bool = Field(default=False, alias="validate")
+    """`true`: every call that declares a schema checks its results against it (a call's own
+    `validate` wins)."""
 
     @field_validator("path")
     @classmethod
@@ -293,27 +315,6 @@ class CacheConfig(Model):
         if self.near is not None and urlsplit(self.url).scheme == "memory":
             raise ValueError("near: is a tier in front of Redis; memory:// needs none")
         return self
-
-
-class ServerConfig(Model):
-    """How `gateway serve` treats client connections, per process: read when it starts."""
-
-    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = _LIMITS.max_connections
-    """Open client connections at most; one more is answered 503 and closed."""
-    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = _LIMITS.max_header_bytes
-    """A longer request head is answered 431 and closed."""
-    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.header_timeout_s
-    """A request head not complete this long after its first byte is answered 408."""
-    body_timeout_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.body_timeout_s
-    """A request body not complete this long after its head is answered 408."""
-    keepalive_s: Annotated[float, Field(gt=0, le=300)] = _LIMITS.keepalive_s
-    """An idle keep-alive connection is closed after this many seconds."""
-    drain_s: Annotated[float, Field(ge=0, le=600)] = _LIMITS.drain_s
-    """On SIGTERM, requests in flight get this long to finish, in seconds."""
-
-    def limits(self) -> ConnectionLimits:
-        """Return these settings as the edge server takes them."""
-        return ConnectionLimits(**self.model_dump())
 
 
 OTEL_PACKAGES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")

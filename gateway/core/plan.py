@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
+import jsonschema_rs
 import orjson
 from pydantic import Field, TypeAdapter
 
 from cache.policy import CachePolicy
+from gateway.config import results
 from gateway.config.calls import BatchRender, Render
 from gateway.config.kinds import Kind, SourceConfig, kind_of
 from gateway.config.schema import (
@@ -114,6 +116,10 @@ class CallPlan:
     """How a listing asks for this call's results of many items at once, if it can."""
     max_rows: int = 1000
     ignore_upstream_cache_control: bool = False
+    result_schema: Mapping[str, Any] | None = None
+    """The JSON Schema of the value this call puts in the document (`results.result_schema`)."""
+    validator: jsonschema_rs.Validator | None = None
+    """With `validate`: the compiled (narrowed, not nullable) schema each result must meet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +306,8 @@ def _call_plan(name: str, call: CallConfig, source: SourceConfig, ep: EndpointCo
         batch=batch,
         max_rows=call.max_rows,
         ignore_upstream_cache_control=call.ignore_upstream_cache_control,
+        result_schema=results.result_schema(call),
+        validator=results.validator(call, ep),
     )
 
 
