@@ -20,12 +20,19 @@ if TYPE_CHECKING:
     from gateway.workers import WorkerDir
 
 
-def check(path: str) -> int:
-    """Validate a config file; print a one-line summary (0) or one line per problem (1)."""
+def check(path: str, strict: bool = False) -> int:
+    """Validate a config file; print a one-line summary (0) or one line per problem (1);
+    `strict`: a call that declares no schema is a problem too."""
     loaded = load_or_report(path)
     if loaded is None:
         return 1
     cfg = loaded.config
+    if strict:
+        untyped = config.untyped_calls(loaded)
+        for problem in untyped:
+            print(problem, file=sys.stderr)
+        if untyped:
+            return 1
     calls = sum(len(e.calls) for e in cfg.endpoints)
     print(f"{path}: ok: {len(cfg.sources)} sources, {len(cfg.endpoints)} endpoints, {calls} calls")
     return 0
@@ -189,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p_check = sub.add_parser("check", help="validate a config file")
     p_check.add_argument("file", nargs="?", default="gateway.yaml")
+    p_check.add_argument(
+        "--strict", action="store_true", help="also list the calls that declare no schema"
+    )
     p_test = sub.add_parser(
         "test", help="run contract files against the config, with scripted upstreams"
     )
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--redis", metavar="URL", help="use this Redis for the cache")
     args = parser.parse_args(argv)
     if args.command == "check":
-        sys.exit(check(args.file))
+        sys.exit(check(args.file, args.strict))
     if args.command == "schema":
         sys.exit(schema(contracts=args.contracts))
     if args.command == "test":

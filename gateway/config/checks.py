@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from gateway.config import results
 from gateway.config.calls import SQL_STAR, STAR
 from gateway.config.fieldpath import Loc, part
 from gateway.config.kinds import SourceConfig, kind_of
@@ -75,6 +76,7 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
             if call.batch is not None:
                 found += _check_batch(cat, call, source, params, deps[name], ep.deadline_ms)
             found += _check_forwarding(cat, call, source, ep.cache)
+            found += _check_schema(cat, call)
             if call.required and call.has_fallback:
                 found.append(((*cat, "fallback"), "a required call cannot have a fallback"))
             timeout = call.timeout_ms or (source.timeout_ms if source else 0)
@@ -112,6 +114,29 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
             if ep.cache.partial_ttl_s > ep.cache.ttl_s:
                 found.append(((*at, "cache", "partial_ttl_s"), "is longer than ttl_s"))
     return found
+
+
+def _check_schema(cat: Loc, call: CallConfig) -> list[tuple[Loc, str]]:
+    """A declared schema is a valid JSON Schema, and a fallback value is a value it allows."""
+    if call.schema_ is None:
+        if call.validate_ and call.schema_file is None:
+            return [((*cat, "validate"), "validate needs a schema (schema or schema_file)")]
+        return []
+    where: Loc = (*cat, "schema_file" if call.schema_file is not None else "schema")
+    try:
+        results.compile_schema(call.schema_)
+        narrowed = results.compile_schema(results.narrowed(call) or {})
+    except ValueError as exc:
+        return [(where, f"not a valid JSON Schema: {_first_line(exc)}")]
+    if call.has_fallback and not call.omit and call.fallback is not None:
+        for err in narrowed.iter_errors(call.fallback):
+            at = "".join(f"[{p!r}]" for p in err.instance_path) or "its value"
+            return [((*cat, "fallback"), f"breaks the call's schema at {at}: {err.message}")]
+    return []
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [""])[0]
 
 
 def _check_stars(cat: Loc, call: CallConfig) -> list[tuple[Loc, str]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class LoadedConfig:
     file: str
     text: str
     secrets: frozenset[str]
+    lines: Mapping[Loc, int] = field(default_factory=dict, compare=False, repr=False)
+    """The line of every value of the file, by its place (for problems found after loading)."""
 
     def redacted(self) -> dict[str, Any]:
         """Return the effective config as plain data with every secret value replaced."""
@@ -87,12 +89,73 @@ def loads(text: str, file: str = "<string>", env: Mapping[str, str] | None = Non
                 loc = (*loc, "kind")
             found.append(Problem(file, line_of(lines, loc), dotted(loc), _message(e)))
         raise ConfigError(redact_problems(found, secrets)) from None
+    config, found_files = _read_schema_files(config, Path(file).parent)
     problems = [
-        Problem(file, line_of(lines, loc), dotted(loc), msg) for loc, msg in cross_check(config)
+        Problem(file, line_of(lines, loc), dotted(loc), msg)
+        for loc, msg in [*found_files, *cross_check(config)]
     ]
     if problems:
         raise ConfigError(redact_problems(problems, secrets))
-    return LoadedConfig(config, file, text, frozenset(s for s in secrets if s))
+    return LoadedConfig(config, file, text, frozenset(s for s in secrets if s), lines)
+
+
+def untyped_calls(loaded: LoadedConfig) -> list[Problem]:
+    """Return one located problem per call that declares no schema (`gateway check --strict`)."""
+    return [
+        Problem(
+            loaded.file,
+            line_of(loaded.lines, at),
+            dotted(at),
+            "declares no schema: its result is untyped ({}) in /openapi.json",
+        )
+        for i, ep in enumerate(loaded.config.endpoints)
+        if ep.listing is None  # a listing's own calls find its ids; they are not in its answer
+        for name, call in ep.calls.items()
+        if call.schema_ is None
+        for at in [("endpoints", i, "calls", name)]
+    ]
+
+
+MAX_SCHEMA_FILE = 1024 * 1024
+"""The most bytes a call's `schema_file` may hold."""
+
+
+def _read_schema_files(
+    config: GatewayConfig, base: Path
+) -> tuple[GatewayConfig, list[tuple[Loc, str]]]:
+    """Return `config` with each call's `schema_file` read into its `schema`, and the problems
+    of the files that cannot be read or hold no schema."""
+    found: list[tuple[Loc, str]] = []
+    endpoints = []
+    for i, ep in enumerate(config.endpoints):
+        calls = {}
+        for name, call in ep.calls.items():
+            if call.schema_file is not None:
+                where: Loc = ("endpoints", i, "calls", name, "schema_file")
+                schema, why = _schema_from(base / call.schema_file)
+                if why:
+                    found.append((where, f"{call.schema_file}: {why}"))
+                call = call.model_copy(update={"schema_": schema})
+            calls[name] = call
+        endpoints.append(ep.model_copy(update={"calls": calls}))
+    return config.model_copy(update={"endpoints": endpoints}), found
+
+
+def _schema_from(path: Path) -> tuple[dict[str, Any] | None, str]:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_SCHEMA_FILE + 1)
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror}"
+    if len(raw) > MAX_SCHEMA_FILE:
+        return None, f"longer than {MAX_SCHEMA_FILE} bytes"
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))  # JSON is YAML too
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        return None, f"not JSON or YAML: {str(exc).splitlines()[0]}"
+    if not isinstance(data, dict):
+        return None, "a JSON Schema file holds a mapping (an object)"
+    return data, ""
 
 
 def _build(

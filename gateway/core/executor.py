@@ -185,6 +185,8 @@ async def _run_call(
         value = value.value
     if cp.select is not None:
         value = _select(value, cp.select)
+    if cp.validator is not None and not cp.validator.is_valid(value):
+        return CallResult("error", None, (time.perf_counter() - t0) * 1000, "schema")
     return CallResult("ok", value, (time.perf_counter() - t0) * 1000, "", directives)
 
 
