@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import multiprocess
 from starlette.routing import BaseRoute, Route
 
@@ -23,8 +23,14 @@ from gateway.config import loader as config_mod
 from gateway.config.redact import redact_text
 from gateway.core.errors import ConfigError, SourceError
 from gateway.core.plan import EndpointPlan, build_plans
+from gateway.edge.docs import install_docs
 from gateway.edge.endpoint import EndpointHandler
-from gateway.edge.openapi import endpoint_paths, install_docs, validation_schemas
+from gateway.edge.openapi import (
+    endpoint_paths,
+    endpoint_schemas,
+    validation_schemas,
+    with_request_ids,
+)
 from gateway.edge.routing import Edge
 from gateway.ops import admin, log
 from gateway.ops.diagnostics import LoopLag, start_tracing_from_env
@@ -36,7 +42,7 @@ from gateway.ops.metrics import (
     sample_forever,
 )
 from gateway.ops.metrics import endpoint as metrics_endpoint
-from gateway.ops.readiness import Readiness
+from gateway.ops.readiness import Health, NotReady, Readiness, Ready
 from gateway.ops.stats import Stats
 from gateway.ops.token import token_from_env
 from gateway.workers import (
@@ -263,20 +269,43 @@ def create_app(
     gw.app = app
     if workers is not None:
         gw.metrics.workers = WorkersCollector(workers)
-    app.add_api_route("/metrics", metrics_endpoint(gw.metrics), include_in_schema=False)
+    app.add_api_route(
+        "/metrics",
+        metrics_endpoint(gw.metrics),
+        tags=["operations"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "The Prometheus text exposition format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     token = token_from_env()
     if token is not None:
         app.include_router(admin.router(gw, token))
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], response_model=Health)
     async def healthz() -> dict[str, str]:
         """The process is alive."""
         return {"status": "ok"}
 
+    no_store = {
+        "Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}, "required": True}
+    }
+
     @app.get(
         "/readyz",
         tags=["operations"],
-        responses={503: {"description": "this instance is starting or draining"}},
+        responses={
+            200: {"model": Ready, "headers": no_store},
+            503: {
+                "model": NotReady,
+                "description": "this instance is starting or draining",
+                "headers": no_store,
+            },
+        },
     )
     async def readyz() -> JSONResponse:
         """200 while this instance can serve, with each source's and the cache's last known
@@ -294,11 +323,11 @@ def create_app(
                 routes=app.routes,
                 description="Aggregated endpoints from gateway.yaml.",
             )
-            schema.setdefault("paths", {}).update(endpoint_paths(gw.plans))
+            schema.setdefault("paths", {}).update(endpoint_paths(gw.plans, token is not None))
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
-                validation_schemas()
+                {**validation_schemas(), **endpoint_schemas(gw.plans)}
             )
-            app.openapi_schema = schema
+            app.openapi_schema = with_request_ids(schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -311,7 +311,7 @@ async def test_the_openapi_document_states_the_parameter_bounds(
         paths = (await resp.json())["paths"]
 
     def schema(path: str) -> dict[str, Any]:
-        (param,) = paths[path]["get"]["parameters"]
+        (param,) = [p for p in paths[path]["get"]["parameters"] if p["in"] == "path"]
         return dict(param["schema"])
 
     assert schema("/ids/{id}") == {"type": "integer", "minimum": INT_MIN, "maximum": INT_MAX}

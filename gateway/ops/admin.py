@@ -22,6 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cache.store import CacheUnavailable
 from gateway.config.redact import redact_text
 from gateway.core.errors import ConfigError, SourceError
+from gateway.ops.admin_models import (
+    EffectiveConfig,
+    Failure,
+    Message,
+    Purged,
+    Refused,
+    Reloaded,
+    SourcesReport,
+    Unauthorized,
+)
 from gateway.ops.diagnostics import LoopLag, memory_report, process_report
 from gateway.ops.metrics import BREAKER_VALUES, live_samples
 from gateway.ops.stats import cache_summary, merge_windows, summary
@@ -102,21 +112,38 @@ def router(gw: Administered, token: str) -> APIRouter:
         prefix="/admin",
         tags=["admin"],
         dependencies=[Depends(authorizer(token))],
-        responses={401: {"description": "no admin token, or a wrong one"}},
+        responses={
+            401: {
+                "model": Unauthorized,
+                "description": "no admin token, or a wrong one",
+                "headers": {
+                    "WWW-Authenticate": {
+                        "description": "How to send the token.",
+                        "schema": {"type": "string"},
+                        "required": True,
+                    }
+                },
+            }
+        },
     )
 
-    @api.get("/config")
+    @api.get("/config", response_model=EffectiveConfig)
     async def config() -> JSONResponse:
         """The effective config, every secret replaced by ***."""
         return JSONResponse({"file": gw.loaded.file, "config": gw.loaded.redacted()})
 
     @api.post(
         "/reload",
+        response_model=Reloaded,
         responses={
-            400: {"description": "the file is invalid: its `file:line` problems; nothing changed"},
+            400: {
+                "model": Refused,
+                "description": "the file is invalid: its `file:line` problems; nothing changed",
+            },
             502: {
+                "model": Failure | Reloaded,
                 "description": "a new source could not start (nothing changed), or some workers "
-                "did not reload (`workers.failed` says which and why)"
+                "did not reload (`workers.failed` says which and why)",
             },
         },
     )
@@ -148,7 +175,7 @@ def router(gw: Administered, token: str) -> APIRouter:
         }
         return JSONResponse(body, status_code=502 if everywhere.failed else 200)
 
-    @api.get("/sources")
+    @api.get("/sources", response_model=SourcesReport)
     async def sources() -> JSONResponse:
         """Live statistics of every source over the sliding window, with why its calls failed;
         under `--workers N`, every worker's merged (see `workers`)."""
@@ -159,7 +186,11 @@ def router(gw: Administered, token: str) -> APIRouter:
             report = merged_report(report, own, siblings)
         return JSONResponse(report)
 
-    @api.get("/debug/memory", responses={409: {"description": "tracemalloc is off"}})
+    @api.get(
+        "/debug/memory",
+        response_model=dict[str, Any],
+        responses={409: {"model": Message, "description": "tracemalloc is off"}},
+    )
     async def memory(limit: int = Query(10, ge=1, le=100)) -> JSONResponse:
         """tracemalloc's largest allocation sites; 409 unless the gateway runs with
         GATEWAY_TRACEMALLOC=1."""
@@ -178,7 +209,11 @@ def router(gw: Administered, token: str) -> APIRouter:
         """The operator's dashboard page (it polls /admin/sources)."""
         return HTMLResponse(DASHBOARD, headers={"cache-control": "no-store"})
 
-    @api.post("/cache/purge", responses={503: {"description": "the cache backend is down"}})
+    @api.post(
+        "/cache/purge",
+        response_model=Purged,
+        responses={503: {"model": Failure, "description": "the cache backend is down"}},
+    )
     async def purge(body: PurgeRequest) -> JSONResponse:
         """Remove cached answers by key or by tag; returns how many keys were removed."""
         try:

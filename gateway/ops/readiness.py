@@ -13,9 +13,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
+from pydantic import BaseModel
 
 from cache.store import CacheUnavailable
 from gateway.core.errors import CircuitOpen, SourceError, SourceTimeout, SourceUnavailable
@@ -34,6 +35,35 @@ PING_LIMIT_S = 5.0
 """The longest one ping may run (adapters bound theirs too; this is the backstop)."""
 
 _log = structlog.get_logger("gateway.readiness")
+
+
+class Health(BaseModel):
+    """`/healthz`: the process is alive."""
+
+    status: Literal["ok"]
+
+
+class Known(BaseModel):
+    """The last known state of one source or the cache, as `/readyz` reports it."""
+
+    state: Literal["up", "down", "unknown"]
+    reason: Literal["timeout", "circuit_open", "unavailable", "error"] | None = None
+    age_s: float | None = None
+    """Seconds since it was last pinged; absent before the first ping ends."""
+
+
+class Ready(BaseModel):
+    """`/readyz` while this instance can serve: each source's and the cache's state."""
+
+    status: Literal["ready"]
+    sources: dict[str, Known]
+    cache: Known
+
+
+class NotReady(BaseModel):
+    """`/readyz` while this instance is starting or draining."""
+
+    status: Literal["starting", "draining"]
 
 
 class Pinged(Protocol):
