@@ -395,3 +395,23 @@ async def test_failed_required_calls_and_stale_answers_meet_the_document(
         assert orjson.loads(listed.data)["items"] == [None, None]
         assert orjson.loads(listed.data)["_meta"]["complete"] is False
     assert {200, 502, 503, 504} <= c.seen
+
+
+def test_a_path_the_schema_does_not_describe_is_untyped() -> None:
+    from gateway.edge.openapi import walk
+
+    declared = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"tags": {"type": "array", "items": {"type": "string"}}},
+            },
+            {"type": "null"},
+        ]
+    }
+    assert walk(declared, ("tags", 0)) == {"type": "string"}
+    assert walk(declared, ()) == declared  # the whole value keeps its null
+    assert walk(declared, ("colour",)) == {}
+    assert walk(declared, ("tags", "x")) == {}
+    assert walk(None, ("tags",)) == {}
+    assert walk({"anyOf": [{"type": "string"}, {"type": "integer"}]}, ("x",)) == {}

@@ -195,10 +195,9 @@ async def test_a_shaped_item_endpoint_shapes_its_answers_its_listings_and_its_op
 ) -> None:
     from tests.config_files import server_env
 
+    # Before the listings: the last key of /products/{id:int}, after its calls.
     text = config_text(redis_prefix).replace(
-        "        fallback: {product_ids: []}\n",
-        "        fallback: {product_ids: []}\n" + SHIPPED_SHAPE,
-        1,
+        "  # Listings: one item", SHIPPED_SHAPE + "  # Listings: one item", 1
     )
     loaded = config.loads(text, "gateway.yaml", server_env(sims, catalog_dsn, "memory://"))
     async with serving_config(loaded) as url:
@@ -222,7 +221,16 @@ async def test_a_shaped_item_endpoint_shapes_its_answers_its_listings_and_its_op
     assert one["id"] == 42 and isinstance(one["related"], list)
     assert listed["items"][1] == one
     assert listed["items"][0]["id"] == 43
-    schema = spec["paths"]["/products/{id}"]["get"]["responses"]["200"]["content"][
-        "application/json"
-    ]["schema"]
+    ref = spec["paths"]["/products/{id}"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"
+    ]["$ref"]
+    schema = spec["components"]["schemas"][ref.removeprefix("#/components/schemas/")]
     assert list(schema["properties"]) == list(one)
+    # Each field takes the schema its path finds in its call's declared schema.
+    fields = schema["properties"]
+    assert fields["id"] == {"type": "integer"} and fields["title"] == {"type": "string"}
+    assert fields["price"] == {"type": ["number", "null"]}  # nullable already
+    assert fields["in_stock"] == {"type": "integer"}  # through stock's null fallback
+    assert fields["first_review"] == {"type": "string"}  # reviews.top.0.text
+    assert fields["related"] == {"type": "array", "items": {"type": "integer"}}
+    assert schema["required"] == ["price", "currency", "_meta"]  # the fields with a default

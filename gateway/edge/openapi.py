@@ -167,7 +167,8 @@ def _operation_id(plan: EndpointPlan) -> str:
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    if not schema or schema.get("type") == "null":
+    kind = schema.get("type")
+    if not schema or kind == "null" or (isinstance(kind, list) and "null" in kind):
         return schema
     branches = schema.get("anyOf")
     if isinstance(branches, list) and _NULL in branches:
