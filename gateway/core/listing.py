@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -34,6 +35,16 @@ IDS = "*ids"
 
 REASON_OF_STATUS = {404: "not_found", 504: "timeout"}
 """What an item's error status says in `_meta.items`; any other error is `error`."""
+
+
+@dataclass(slots=True)
+class _Ids:
+    """The ids a listing's call found, in its order: each parsed (None where a value is no valid
+    id), its text for `_meta.items`, and how many were past `max` (not fetched)."""
+
+    ids: list[Any]
+    keys: list[str]
+    dropped: int
 
 
 class ListRunner:
@@ -105,21 +116,18 @@ class ListRunner:
             keys = [str(i) for i in ids]
         else:
             got = await self._ids_from_call(ctx, params)
-            if len(got) == 3:
+            if not isinstance(got, _Ids):
                 return got  # the ids call's error answer
-            found, dropped = got
-            ids, keys = [i for i, _ in found], [k for _, k in found]
+            ids, keys, dropped = got.ids, got.keys, got.dropped
         unique = list(dict.fromkeys(i for i in ids if i is not None))
         fresh: list[Composite] = []
         lookups = await self._lookups(ctx, unique, fresh)
         _account(ctx, fresh)
         return self._reply(ctx, ids, keys, lookups, dropped)
 
-    async def _ids_from_call(
-        self, ctx: RequestContext, params: Mapping[str, Any]
-    ) -> tuple[list[tuple[Any, str]], int] | Reply:
-        """Run the listing's own calls; return its ids (None where a value is no valid id) with
-        their texts, and how many were past `max`; or the error answer when the ids call failed."""
+    async def _ids_from_call(self, ctx: RequestContext, params: Mapping[str, Any]) -> _Ids | Reply:
+        """Run the listing's own calls; return its ids, or the error answer when the ids call
+        failed (or answered no list of ids)."""
         assert self.listing.call is not None and self.listing.field is not None
         call, field = self.listing.call, self.listing.field
         composite = await execute(self.plan, self.sources, params, ctx, ctx.deadline)
@@ -147,15 +155,17 @@ class ListRunner:
                 (b"cache-control", b"no-store"),
             ]
             return status, headers, body
-        found: list[tuple[Any, str]] = []
+        got = _Ids([], [], max(0, len(raw) - self.listing.max))
         for v in raw[: self.listing.max]:
             if isinstance(v, str | int | float) and not isinstance(v, bool):
                 text = v if isinstance(v, str) else orjson.dumps(v).decode()
                 parsed, problems = parse_value(self.id_param, text, [])
-                found.append((None if problems else parsed, text))
+                got.ids.append(None if problems else parsed)
+                got.keys.append(text)
             else:  # no id at all: its place says so
-                found.append((None, orjson.dumps(v).decode()[:100]))
-        return found, max(0, len(raw) - self.listing.max)
+                got.ids.append(None)
+                got.keys.append(orjson.dumps(v).decode()[:100])
+        return got
 
     async def _lookups(
         self, ctx: RequestContext, ids: Sequence[Any], fresh: list[Composite]
