@@ -234,3 +234,13 @@ async def test_a_shaped_item_endpoint_shapes_its_answers_its_listings_and_its_op
     assert fields["first_review"] == {"type": "string"}  # reviews.top.0.text
     assert fields["related"] == {"type": "array", "items": {"type": "integer"}}
     assert schema["required"] == ["price", "currency", "_meta"]  # the fields with a default
+
+
+def test_a_path_part_of_non_ascii_digits_is_a_field_name_checked_like_any_other() -> None:
+    # "²".isdigit() is True but int("²") fails: it must never be taken for a list index.
+    text = BASE.replace("in_stock: stock.available", "in_stock: stock.²")
+    (problem,) = problems(text)
+    assert "endpoints.0.shape.in_stock" in problem and "no field '²'" in problem, problem
+    steps = plan_of(BASE.replace("first_review: reviews.items.0.text", "first_review: reviews.٣"))
+    (field,) = [f for f in steps.shape if f.name == "first_review"]
+    assert field.path == ("٣",)

@@ -273,19 +273,18 @@ def _check_shape(at: Loc, ep: EndpointConfig) -> list[tuple[Loc, str]]:
         if not all(segments):
             found.append((where, f"{path!r} is a dotted path (product.name, reviews.items.0.text)"))
             continue
-        call = ep.calls.get(segments[0])
+        root, steps = results.shape_path(path)
+        call = ep.calls.get(root)
         if call is None:
             known = ", ".join(ep.calls) or "none"
-            found.append(
-                (where, f"{segments[0]!r} names no call of this endpoint (calls: {known})")
-            )
-        elif call.select is not None and len(segments) > 1 and not segments[1].isdigit():
-            if segments[1] not in call.select:
+            found.append((where, f"{root!r} names no call of this endpoint (calls: {known})"))
+        elif call.select is not None and steps and isinstance(steps[0], str):
+            if steps[0] not in call.select:
                 found.append(
                     (
                         where,
-                        f"{segments[0]} keeps only {', '.join(call.select)} (its select): "
-                        f"it has no field {segments[1]!r}",
+                        f"{root} keeps only {', '.join(call.select)} (its select): "
+                        f"it has no field {steps[0]!r}",
                     )
                 )
     return found

@@ -11,6 +11,13 @@ import jsonschema_rs
 from gateway.config.schema import CallConfig, EndpointConfig
 
 
+def shape_path(text: str) -> tuple[str, tuple[str | int, ...]]:
+    """Split a `shape` path (`reviews.items.0.text`) into the call it reads and the steps into
+    its value: a part of ASCII digits is a list index, any other part a field name."""
+    call, *rest = text.split(".")
+    return call, tuple(int(p) if p.isascii() and p.isdigit() else p for p in rest)
+
+
 def narrowed(call: CallConfig) -> dict[str, Any] | None:
     """Return the declared schema as `select` leaves the value: only the kept properties (of
     the items, for an array); None when the call declares no schema."""

@@ -264,9 +264,7 @@ def build_plan(
 
 
 def _shaped(name: str, spec: str | ShapeField) -> ShapedField:
-    path = spec if isinstance(spec, str) else spec.from_
-    call, *rest = path.split(".")
-    steps = tuple(int(p) if p.isdigit() else p for p in rest)
+    call, steps = results.shape_path(spec if isinstance(spec, str) else spec.from_)
     if isinstance(spec, str):
         return ShapedField(name, call, steps, False, None)
     return ShapedField(name, call, steps, spec.has_default, spec.default)
