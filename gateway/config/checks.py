@@ -89,14 +89,14 @@ def cross_check(config: GatewayConfig) -> list[tuple[Loc, str]]:
                         f"deadline_ms {ep.deadline_ms}",
                     )
                 )
-        for name in _cycle(deps):
+        cycle = _cycle(deps)
+        if cycle:
             found.append(
                 (
-                    (*at, "calls", name),
-                    "calls wait for each other in a cycle: " + " -> ".join(_cycle(deps)),
+                    (*at, "calls", cycle[0]),
+                    "calls wait for each other in a cycle: " + " -> ".join(cycle),
                 )
             )
-            break
         if ep.listing is not None:
             found += _check_listing(at, ep, config.endpoints, deps)
         if ep.shape is not None:

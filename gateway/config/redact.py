@@ -11,6 +11,7 @@ import re
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from gateway.config.calls import STAR
 from gateway.config.fieldpath import Loc
 from gateway.core import templates
 from gateway.core.errors import Problem
@@ -30,7 +31,7 @@ def literal_secrets(value: str, loc: Loc) -> set[str]:
         found.update((value, value.partition(" ")[2].strip()))
     if _is_call_query(loc):
         # `{id*}` (a batch's ids) names values too: it is no literal.
-        literal = _STAR.sub("", value)
+        literal = STAR.sub("", value)
         found.update(p.strip() for p in templates.parse(literal).parts if isinstance(p, str))
     try:
         password = urlsplit(value).password
@@ -48,9 +49,6 @@ def _is_call_query(loc: Loc) -> bool:
     return (len(loc) == 6 and loc[4] == "query") or (
         len(loc) == 7 and loc[4] == "batch" and loc[5] == "query"
     )
-
-
-_STAR = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\*\}")
 
 
 def redacted(data: dict[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
@@ -81,7 +79,7 @@ def _pure_template(value: Any) -> bool:
     """Whether a query value is references only (`{product.category}`): nothing of it is secret."""
     if not isinstance(value, str) or not value:
         return False
-    value = _STAR.sub("{ids}", value)
+    value = STAR.sub("{ids}", value)
     return all(isinstance(p, templates.Ref) for p in templates.parse(value).parts)
 
 

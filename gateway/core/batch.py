@@ -16,13 +16,12 @@ from functools import partial
 from typing import Any
 
 from cache.directives import Directed
-from cache.entry import Entry, make_entry
+from cache.entry import Entry
 from gateway.core.context import RequestContext
 from gateway.core.errors import BadPayload, NotFound, Unsendable
 from gateway.core.executor import Composite, execute
-from gateway.core.merge import answer
 from gateway.core.plan import CallPlan, EndpointPlan
-from gateway.core.runner import Observe
+from gateway.core.runner import Observe, finish
 from gateway.core.templates import scalar_text
 from gateway.core.types import JSON, Call, Source
 
@@ -101,10 +100,7 @@ class Batch:
         finally:
             for group in groups.values():
                 group.ended(i)
-        composite, status, body = answer(self.plan, composite)
-        fresh.append(composite)
-        self.observe(self.plan, composite)
-        return make_entry(status, body, status == 200 and composite.complete, composite.directives)
+        return finish(self.plan, composite, fresh, self.observe)
 
 
 class _Group:

@@ -10,7 +10,6 @@ decoded or encoded again.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import Scope
 
+from cache.entry import etag_of
 from cache.lookup import Lookup
 from gateway.core.batch import Batch
 from gateway.core.context import RequestContext
@@ -26,7 +26,15 @@ from gateway.core.executor import CallResult, Composite, execute
 from gateway.core.gathering import Gathering
 from gateway.core.merge import answer, with_stale_age
 from gateway.core.plan import EndpointPlan
-from gateway.core.runner import JSON_TYPE, Observe, Reply, Runner, parse_params, parse_value
+from gateway.core.runner import (
+    JSON_TYPE,
+    Observe,
+    Reply,
+    Runner,
+    etag_matches,
+    parse_params,
+    parse_value,
+)
 from gateway.core.seeing import no_store, with_explain
 from gateway.core.types import Source
 
@@ -161,7 +169,9 @@ class ListRunner:
                 text = v if isinstance(v, str) else orjson.dumps(v).decode()
                 parsed, problems = parse_value(self.id_param, text, [])
                 got.ids.append(None if problems else parsed)
-                got.keys.append(text)
+                # A valid id is its own key (at most MAX_SEGMENT characters); an upstream's
+                # invalid one is cut, as any other non-id value is.
+                got.keys.append(text[:100] if problems else text)
             else:  # no id at all: its place says so
                 got.ids.append(None)
                 got.keys.append(orjson.dumps(v).decode()[:100])
@@ -240,7 +250,7 @@ class ListRunner:
             state = "BYPASS"  # no item: nothing was looked up
         ctx.cache = state
         counts = ", ".join(f"{s} {states.count(s)}" for s in dict.fromkeys(states)) or "none"
-        etag = b'"l' + hashlib.blake2b(body, digest_size=10).hexdigest().encode() + b'"'
+        etag = etag_of(body).encode()
         headers = [
             JSON_TYPE,
             (b"x-gateway-complete", b"true" if complete else b"false"),
@@ -255,9 +265,7 @@ class ListRunner:
             explain = self._explain(ctx, ids, lookups)
             return 200, no_store(headers), with_explain(body, explain)
         inm = ctx.headers.get(b"if-none-match")
-        if inm is not None and any(
-            t.strip().removeprefix(b"W/") == etag or t.strip() == b"*" for t in inm.split(b",")
-        ):
+        if inm is not None and etag_matches(inm, etag):
             return 304, headers[1:], b""
         return 200, headers, body
 

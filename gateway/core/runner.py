@@ -220,10 +220,8 @@ class Runner:
                 round((began - ctx.started) * 1000, 1),
                 round((time.perf_counter() - began) * 1000, 1),
             )
-        composite, status, body = answer(self.plan, composite)
-        fresh.append(composite)
-        self.observe(self.plan, composite)  # here, so background refreshes count too
-        return make_entry(status, body, status == 200 and composite.complete, composite.directives)
+        # Observed here, so background refreshes count too.
+        return finish(self.plan, composite, fresh, self.observe)
 
     async def fetch(
         self,
@@ -282,13 +280,25 @@ class Runner:
             if (
                 entry.status == 200
                 and if_none_match is not None
-                and _etag_matches(if_none_match, etag)
+                and etag_matches(if_none_match, etag)
             ):
                 return 304, headers[1:], b""
         return entry.status, headers, body
 
 
-def _etag_matches(header: bytes, etag: bytes) -> bool:
+def finish(
+    plan: EndpointPlan, composite: Composite, fresh: list[Composite], observe: Observe
+) -> Entry:
+    """Return the entry of a fan-out that ran: its answer encoded once, the composite kept in
+    `fresh` (the access line, explain) and told to `observe` (metrics, statistics)."""
+    composite, status, body = answer(plan, composite)
+    fresh.append(composite)
+    observe(plan, composite)
+    return make_entry(status, body, status == 200 and composite.complete, composite.directives)
+
+
+def etag_matches(header: bytes, etag: bytes) -> bool:
+    """Whether an If-None-Match header names `etag` (or is `*`), weak or strong."""
     if header.strip() == b"*":
         return True
     return any(t.strip().removeprefix(b"W/") == etag for t in header.split(b","))
