@@ -188,7 +188,8 @@ cases:
         p.startswith(f"{b}:1: endpoint: no endpoint /products/{{id}} in the config")
         for p in problems
     )
-    assert any(p.startswith(f"{c}:3: (yaml): invalid YAML: ") for p in problems)
+    # The end of the stream is reported on the file's last line, as for gateway.yaml itself.
+    assert any(p.startswith(f"{c}:2: (yaml): invalid YAML: ") for p in problems)
     assert len(problems) == 8, problems
 
 
@@ -224,3 +225,15 @@ cases:
     assert failure is not None
     assert failure.get("message") == "status: expected 200, got 404"
     assert failure.text is not None and '"outcome":"not_found"' in failure.text
+
+
+def test_an_alias_bomb_in_a_contract_file_is_refused_at_once(tmp_path: Path) -> None:
+    # Each line multiplies the nodes by 10: expanded, this is 10^7 values (minutes of work).
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 7):
+        levels.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nendpoint: /products/{id:int}\ncases: *a6\n")
+    run = gateway_test("gateway.yaml", str(bomb))
+    assert run.returncode == 2, run
+    assert "too large once aliases expand" in run.stderr + run.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,13 @@ from pydantic import ValidationError
 
 from gateway.config.checks import cross_check
 from gateway.config.fieldpath import Loc, dotted
+from gateway.config.jsonschema import INTERPOLATION
 from gateway.config.kinds import KIND_NAMES
 from gateway.config.redact import SECRET_NAME, literal_secrets, redact_problems, redacted
 from gateway.config.schema import GatewayConfig
 from gateway.core.errors import ConfigError, Problem
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV = re.compile(INTERPOLATION)
 
 
 @dataclass(frozen=True)
@@ -52,29 +53,18 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 def loads(text: str, file: str = "<string>", env: Mapping[str, str] | None = None) -> LoadedConfig:
     """Validate config text; raise `ConfigError` listing every problem with line and field."""
     env = os.environ if env is None else env
-    last_line = max(1, len(text.splitlines()))
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            line = mark.line + 1
-        else:  # a ReaderError (a character YAML does not allow) knows only its position
-            line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
-        msg = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
-        line = min(max(line, 1), last_line)
-        raise ConfigError([Problem(file, line, "(yaml)", f"invalid YAML: {msg}")]) from None
-    except RecursionError:
-        raise ConfigError([Problem(file, 1, "(yaml)", "invalid YAML: nested too deeply")]) from None
-    if node is None:
-        raise ConfigError([Problem(file, 1, "(file)", "the file is empty")])
     lines: dict[Loc, int] = {}
     problems: list[Problem] = []
     secrets: set[str] = set()
-    try:
-        data = _build(node, (), lines, env, file, problems, secrets)
-    except _TooLarge as exc:
-        raise ConfigError([exc.problem]) from None
+
+    def scalar(value: Any, loc: Loc, line: int) -> Any:
+        if isinstance(value, str) and "${" in value:
+            value = _interpolate(value, loc, env, file, line, problems, secrets)
+        if isinstance(value, str):
+            secrets.update(literal_secrets(value, loc))
+        return value
+
+    data = read_yaml(text, file, lines, problems, scalar)
     if problems:
         raise ConfigError(redact_problems(problems, secrets))
     if not isinstance(data, dict):
@@ -158,14 +148,46 @@ def _schema_from(path: Path) -> tuple[dict[str, Any] | None, str]:
     return data, ""
 
 
+Scalar = Callable[[Any, Loc, int], Any]
+"""(a scalar's value, its place, its line) -> the value kept."""
+
+
+def read_yaml(
+    text: str, file: str, lines: dict[Loc, int], problems: list[Problem], scalar: Scalar
+) -> Any:
+    """Return the plain data of a YAML document, noting the line of every value (a key's line
+    for a mapping's value) in `lines` and its problems (duplicate keys, merge keys, bad values)
+    in `problems`; each scalar passes through `scalar`. Nesting and the expansion of aliases are
+    bounded. Raises `ConfigError` for text that is no YAML, empty, or too large."""
+    last_line = max(1, len(text.splitlines()))
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        else:  # a ReaderError (a character YAML does not allow) knows only its position
+            line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        msg = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
+        line = min(max(line, 1), last_line)
+        raise ConfigError([Problem(file, line, "(yaml)", f"invalid YAML: {msg}")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(file, 1, "(yaml)", "invalid YAML: nested too deeply")]) from None
+    if node is None:
+        raise ConfigError([Problem(file, 1, "(file)", "the file is empty")])
+    try:
+        return _build(node, (), lines, file, problems, scalar)
+    except _TooLarge as exc:
+        raise ConfigError([exc.problem]) from None
+
+
 def _build(
     node: yaml.Node,
     loc: Loc,
     lines: dict[Loc, int],
-    env: Mapping[str, str],
     file: str,
     problems: list[Problem],
-    secrets: set[str],
+    scalar: Scalar,
 ) -> Any:
     lines[loc] = node.start_mark.line + 1
     if len(loc) > _MAX_DEPTH or len(lines) > _MAX_NODES:
@@ -188,14 +210,12 @@ def _build(
                         file, key_node.start_mark.line + 1, dotted((*loc, key)), "duplicate key"
                     )
                 )
-            lines[(*loc, key)] = key_node.start_mark.line + 1
-            out[key] = _build(value_node, (*loc, key), lines, env, file, problems, secrets)
+            out[key] = _build(value_node, (*loc, key), lines, file, problems, scalar)
             lines[(*loc, key)] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
         return [
-            _build(n, (*loc, i), lines, env, file, problems, secrets)
-            for i, n in enumerate(node.value)
+            _build(n, (*loc, i), lines, file, problems, scalar) for i, n in enumerate(node.value)
         ]
     try:
         value = yaml.SafeLoader(b"").construct_object(node)
@@ -203,11 +223,7 @@ def _build(
         msg = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
         problems.append(Problem(file, lines[loc], dotted(loc), f"invalid value: {msg}"))
         return None
-    if isinstance(value, str) and "${" in value:
-        value = _interpolate(value, loc, env, file, node.start_mark.line + 1, problems, secrets)
-    if isinstance(value, str):
-        secrets.update(literal_secrets(value, loc))
-    return value
+    return scalar(value, loc, node.start_mark.line + 1)
 
 
 def _interpolate(

@@ -9,13 +9,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ValidationError
 from starlette.routing import compile_path
 
 from gateway.config.fieldpath import Loc, dotted
 from gateway.config.kinds import kind_of
-from gateway.config.loader import line_of
+from gateway.config.loader import line_of, read_yaml
 from gateway.config.schema import EndpointConfig, GatewayConfig
 from gateway.contracts.model import (
     Answer,
@@ -28,7 +27,7 @@ from gateway.contracts.model import (
     SqlAnswer,
 )
 from gateway.core import templates
-from gateway.core.errors import Problem
+from gateway.core.errors import ConfigError, Problem
 
 
 def contract_files(paths: list[str]) -> tuple[list[str], list[Problem]]:
@@ -68,17 +67,11 @@ class ContractError(Exception):
 def loads_contract(text: str, file: str, config: GatewayConfig) -> Contract:
     """Check contract text against `config`; raise `ContractError` listing every problem."""
     lines: dict[Loc, int] = {}
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        msg = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
-        raise ContractError([Problem(file, line, "(yaml)", f"invalid YAML: {msg}")]) from None
-    if node is None:
-        raise ContractError([Problem(file, 1, "(file)", "the file is empty")])
     problems: list[Problem] = []
-    data = _build(node, (), lines, file, problems)
+    try:
+        data = read_yaml(text, file, lines, problems, _as_is)
+    except ConfigError as exc:  # not YAML, empty, or too large once aliases expand
+        raise ContractError(exc.problems) from None
     if problems:
         raise ContractError(problems)
 
@@ -215,36 +208,8 @@ def _is_label(part: str | int) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
-def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], file: str, out: list[Problem]) -> Any:
-    """Return the plain value of `node`, noting each value's line (keys' lines for mappings)."""
-    lines.setdefault(loc, node.start_mark.line + 1)
-    if len(loc) > 40:
-        out.append(Problem(file, lines[loc], dotted(loc[:8]), "nested too deeply"))
-        return None
-    if isinstance(node, yaml.MappingNode):
-        value: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            line = key_node.start_mark.line + 1
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
-                out.append(Problem(file, line, dotted(loc), "keys must be names (no << merges)"))
-                continue
-            key = key_node.value
-            if key in value:
-                out.append(Problem(file, line, dotted((*loc, key)), "duplicate key"))
-            lines[(*loc, key)] = line
-            value[key] = _build(value_node, (*loc, key), lines, file, out)
-        return value
-    if isinstance(node, yaml.SequenceNode):
-        return [_build(n, (*loc, i), lines, file, out) for i, n in enumerate(node.value)]
-    try:
-        return yaml.SafeLoader(b"").construct_object(node)
-    except (yaml.YAMLError, ValueError) as exc:
-        msg = (getattr(exc, "problem", None) or str(exc)).splitlines()[0]
-        out.append(Problem(file, lines[loc], dotted(loc), f"invalid value: {msg}"))
-        return None
-
-
-_MERGE = "tag:yaml.org,2002:merge"
+def _as_is(value: Any, loc: Loc, line: int) -> Any:
+    return value
 
 
 ENV_DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-[^}]*\}")
