@@ -157,7 +157,7 @@ def explain_token() -> bytes | None:
         token = token_from_env()
     except ValueError:  # too short: the app refuses to start; a bare runtime explains nothing
         return None
-    return None if token is None else token.strip().encode()
+    return None if token is None else token.encode()
 
 
 def cache_settings(cfg: CacheConfig) -> CacheSettings:

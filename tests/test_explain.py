@@ -98,3 +98,18 @@ async def test_without_admin_there_is_no_explain(
     async with serving_config(things_config(upstream.url)) as url:
         status, _, body = await get(http, f"{url}/things/1", **EXPLAIN)
     assert status == 200 and b"_explain" not in body
+
+
+async def test_a_token_mounted_with_a_final_newline_opens_admin_and_explain_alike(
+    upstream: UpstreamServer, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Kubernetes secret mounted from a file keeps its trailing newline; clients send the
+    # token without it. Both checks must agree: once admin said 401 while explain said yes.
+    monkeypatch.setenv(TOKEN_ENV, TOKEN + "\n")
+    async with serving_config(things_config(upstream.url)) as url:
+        status, _, body = await get(http, f"{url}/things/1", **EXPLAIN)
+        assert status == 200 and "_explain" in orjson.loads(body)
+        async with http.get(
+            f"{url}/admin/sources", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as resp:
+            assert resp.status == 200

@@ -22,6 +22,13 @@ Reply = tuple[int, Headers, bytes]
 Answer = Callable[[RequestContext, Mapping[str, Any]], Awaitable[Reply]]
 
 
+def bearer_ok(given: bytes, token: bytes) -> bool:
+    """Whether a presented credential (surrounding whitespace ignored) is the admin token, the
+    one check of the admin API and of explain; compare_digest: how long the comparison takes
+    says nothing about the token."""
+    return hmac.compare_digest(given.strip(), token)
+
+
 class Tracer(Protocol):
     """What the request path asks of an exporting tracer (`gateway.ops.tracing.Tracing`)."""
 
@@ -55,8 +62,7 @@ class Seeing:
         if self.token is None or ctx.headers.get(EXPLAIN, b"").strip() != b"1":
             return
         scheme, _, given = ctx.headers.get(b"authorization", b"").partition(b" ")
-        # compare_digest: how long the comparison takes says nothing about the token.
-        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
+        if scheme.lower() == b"bearer" and bearer_ok(given, self.token):
             ctx.explain = {}
 
     async def serve(self, ctx: RequestContext, params: Mapping[str, Any], answer: Answer) -> Reply:

@@ -7,7 +7,6 @@ Without a token there is no admin at all (404): an open admin is worse than none
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import time
 from importlib import resources
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cache.store import CacheUnavailable
 from gateway.config.redact import redact_text
 from gateway.core.errors import ConfigError, SourceError
+from gateway.core.seeing import bearer_ok
 from gateway.ops.admin_models import (
     EffectiveConfig,
     Failure,
@@ -95,8 +95,7 @@ def authorizer(token: str) -> Any:
             given = credentials.credentials
         else:
             given = request.query_params.get("token", "") if request.method == "GET" else ""
-        # compare_digest: how long the comparison takes says nothing about the token.
-        if not hmac.compare_digest(given.strip().encode(), expected):
+        if not bearer_ok(given.encode(), expected):
             raise HTTPException(
                 401,
                 "admin needs Authorization: Bearer <token>",

@@ -11,15 +11,16 @@ MIN_TOKEN_CHARS = 16
 
 
 def token_from_env() -> str | None:
-    """Return the admin token, or None when admin is disabled (unset or empty).
+    """Return the admin token without surrounding whitespace (a secret mounted from a file ends
+    with a newline), or None when admin is disabled (unset or blank).
 
     Raises `ValueError` (the gateway does not start) when the token is shorter than
     `MIN_TOKEN_CHARS`: an admin that looks protected and is not is worse than none.
     """
-    token = os.environ.get(TOKEN_ENV) or None
-    if token is not None and len(token.strip()) < MIN_TOKEN_CHARS:
+    token = (os.environ.get(TOKEN_ENV) or "").strip() or None
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ValueError(
-            f"{TOKEN_ENV} is {len(token.strip())} characters long; it must have at least "
+            f"{TOKEN_ENV} is {len(token)} characters long; it must have at least "
             f"{MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 24`), or be unset to disable the admin API"
         )
     return token
