@@ -118,6 +118,14 @@ async def test_dashboard_shows_every_source_of_the_config(
             text = out.text
             assert text.startswith("HTTP 200"), text
             assert '"cache"' in text and '"budget"' in text and '"trace_id"' in text, text
+            # A "path" that names another host never gets the page's token.
+            await asyncio.to_thread(field.clear)
+            await asyncio.to_thread(field.send_keys, "/\\evil.example/products/42")
+            await asyncio.to_thread(
+                driver.find_element(By.CSS_SELECTOR, "#explain-form button").click
+            )
+            await asyncio.sleep(0.3)
+            assert out.text == "give a path of this gateway, starting with /", out.text
         finally:
             await asyncio.to_thread(driver.quit)
             shutil.rmtree(profile, ignore_errors=True)
