@@ -106,7 +106,7 @@ async def mysql_source(name: str, cfg: SqlSettings) -> Upstream:
                     # The rest is never read: it goes with the connection `_borrow` closes.
                     raise too_many(name, call.max_rows)
                 json_keys = (
-                    await _json_keys(conn, fields, json_columns)
+                    await _json_keys(conn, fields, json_columns, ends)
                     if rows and len(rows) <= call.max_rows
                     else []
                 )
@@ -239,10 +239,11 @@ async def _mysql_rows(
 
 
 async def _json_keys(
-    conn: Any, fields: list[Any], known: dict[tuple[str, str], frozenset[str]]
+    conn: Any, fields: list[Any], known: dict[tuple[str, str], frozenset[str]], ends: float
 ) -> list[str]:
     """Return the keys of a result's JSON columns: MySQL's JSON type, and MariaDB text columns of
-    a table whose `json_valid` CHECK makes them JSON (asked once per table, then remembered)."""
+    a table whose `json_valid` CHECK makes them JSON (asked once per table, then remembered,
+    within what is left of the call's budget `ends`, loop time, as the call's own query)."""
     keys: list[str] = []
     names: list[str] = []
     for field in fields:
@@ -264,7 +265,9 @@ async def _json_keys(
                 if len(known) >= _KNOWN_TABLES:
                     known.clear()
                 cur = await conn.cursor()
-                await cur.execute(_JSON_CHECKS, {"db": db, "table": field.org_table})
+                budget = max(ends - asyncio.get_running_loop().time(), _FLOOR_S)
+                sql = budgeted(_JSON_CHECKS, budget, conn.get_server_info())
+                await cur.execute(sql, {"db": db, "table": field.org_table})
                 columns = known[table] = frozenset(col for (col,) in await cur.fetchall())
                 await cur.close()
             if field.org_name in columns:
