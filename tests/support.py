@@ -159,8 +159,6 @@ class MariaDB:
             timeout=120,
         )
         self.start()
-        import pymysql
-
         conn = pymysql.connect(
             unix_socket=f"{self.workdir}/mysqld.sock", user="root", autocommit=True
         )

@@ -21,7 +21,7 @@ from gateway.core.types import Call
 from gateway.demo.simulator import UpstreamServer, hang, json_body, raw, slow, truncated
 from gateway.ops import log
 from tests.config_files import config_text, write_config
-from tests.serving import serving
+from tests.serving import serving, serving_config
 from tests.support import Client, free_port
 from upstreams.http import HttpSettings, http_source
 from upstreams.mysql import mysql_source
@@ -68,7 +68,7 @@ async def gateway(
     """Serve the gateway for config `text` (secrets from `SECRETS`) with the admin API on."""
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
     loaded = config.loads(text, "gateway.yaml", SECRETS)
-    async with serving(create_app(loaded=loaded)) as url, aiohttp.ClientSession() as http:
+    async with serving_config(loaded) as url, aiohttp.ClientSession() as http:
         yield url, http
 
 
