@@ -36,7 +36,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import prepend_run, tree_version  # noqa: E402
-from bench.run import JITTER_MS, LATENCY, _tree, machine, process, wait_ready  # noqa: E402
+from bench.run import JITTER_MS, LATENCY, cpu_ns, machine, process, wait_ready  # noqa: E402
 from gateway.config.schema import BatchConfig  # noqa: E402
 from gateway.demo.catalog import seed_mysql  # noqa: E402
 from gateway.demo.simulator import SERVICES  # noqa: E402
@@ -83,19 +83,6 @@ class Case:
     def cpu_ms(self) -> float:
         """Return the gateway's CPU ms per round (one listing, one set of singles, one miss)."""
         return self.cpu_ns / 1e6 / max(1, len(self.walls_s))
-
-
-def cpu_ns(pid: int) -> int:
-    """Return the nanoseconds on CPU of a process and its live descendants, every thread, from
-    /proc/*/task/*/schedstat: exact, where utime and stime count 10 ms clock ticks."""
-    total = 0
-    for p in _tree(pid):
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                total += int((task / "schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-    return total
 
 
 def percentile(values: Sequence[float], p: float) -> float:

@@ -131,6 +131,19 @@ def cpu_ticks(pid: int) -> int:
     return total
 
 
+def cpu_ns(pid: int) -> int:
+    """Return the nanoseconds on CPU of a process and its live descendants, every thread, from
+    /proc/*/task/*/schedstat: exact, where utime and stime count 10 ms clock ticks."""
+    total = 0
+    for p in _tree(pid):
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
+
+
 def _tree(pid: int) -> Iterator[int]:
     yield pid
     for task in Path(f"/proc/{pid}/task").glob("*"):

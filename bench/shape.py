@@ -32,9 +32,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.listing import cpu_ns  # noqa: E402
 from bench.report import prepend_run, tree_version  # noqa: E402
-from bench.run import machine, process, wait_ready  # noqa: E402
+from bench.run import cpu_ns, machine, process, wait_ready  # noqa: E402
 from gateway.config import loader  # noqa: E402
 from gateway.core.executor import CallResult, Composite  # noqa: E402
 from gateway.core.merge import answer  # noqa: E402
