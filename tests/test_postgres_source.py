@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -336,3 +337,14 @@ endpoints:
         assert row == {"id": 3, "sku": "SKU-3", "name": "Pen", "category": "office"}
     finally:
         await upstream.close()
+
+
+async def test_only_a_trace_this_gateway_exports_comments_the_query(db: Upstream) -> None:
+    # asyncpg caches statements by text: a comment per call costs a prepare each, so a client's
+    # own `sampled` flag (…-01) must not decide it; the gateway's export does.
+    parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    base = call("SELECT current_query() AS q", one=True)
+    for exported in (False, True):
+        got = await db.call(dataclasses.replace(base, trace=parent, exported=exported))
+        commented = got["q"].startswith(f"/* traceparent='{parent}' */")
+        assert commented is exported, got

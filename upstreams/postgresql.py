@@ -10,7 +10,8 @@ server stops there (asyncpg's fetch with a row limit, the one private asyncpg na
 come out as the MySQL adapter gives them (`upstreams.sql.json_value`: bytea as base64), plus
 UUID and network addresses as text, arrays as lists, and json/jsonb as JSON values (decoded by
 a codec each connection gets; a text parameter bound to a json column is sent as it is). A
-sampled trace's query carries its `traceparent` as a comment (`/* traceparent='00-...' */`).
+query whose trace this gateway exports carries its `traceparent` as a comment
+(`/* traceparent='00-...' */`).
 """
 
 from __future__ import annotations
@@ -149,10 +150,11 @@ async def postgresql_source(name: str, cfg: SqlSettings) -> Upstream:
 
 
 def _traced(call: Call) -> str:
-    """Return the call's SQL, prefixed with its `traceparent` as a comment when the trace is
-    sampled: asyncpg caches prepared statements by their text, so a comment on every call would
-    cost each one a prepare round trip (and evict the statements worth keeping)."""
-    if call.trace.endswith("-01"):
+    """Return the call's SQL, prefixed with its `traceparent` as a comment when this gateway
+    exports the trace: asyncpg caches prepared statements by their text, so a comment on every
+    call would cost each one a prepare round trip (and evict the statements worth keeping); a
+    client's `sampled` flag alone must not make every query new text."""
+    if call.exported and call.trace:
         return sql_comment(call.trace) + call.target
     return call.target
 

@@ -70,7 +70,11 @@ async def execute(
     """
     request_id = "" if request is None else request.request_id
     request_headers = None if request is None else request.headers
-    trace = ("", "") if request is None else (request.traceparent(), request.tracestate)
+    trace: tuple[str, str, bool] = ("", "", False)
+    if request is not None:
+        # Exported: this gateway records the request's span (a client's flag alone is not it).
+        exported = request.span is not None and request.flags == "01"
+        trace = (request.traceparent(), request.tracestate, exported)
     notes = None if request is None or request.explain is None else explained_calls(request)
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -145,7 +149,7 @@ async def _run_call(
     request_id: str,
     skip: str | None,
     request_headers: Mapping[bytes, bytes] | None,
-    trace: tuple[str, str],
+    trace: tuple[str, str, bool],
 ) -> CallResult:
     if skip is not None:
         return CallResult("skipped", None, 0.0, f"{skip} failed")

@@ -49,6 +49,9 @@ class Call:
     """The W3C `traceparent` the call carries (HTTP header, SQL comment); "" for none."""
     tracestate: str = ""
     """The client's `tracestate`, bounded, passed on with `trace` over HTTP."""
+    exported: bool = False
+    """Whether this gateway exports the request's trace (its span records): a client's
+    `sampled` flag alone never decides what this gateway does with its own resources."""
 
 
 Source = Callable[[Call], Awaitable[JSON]]
