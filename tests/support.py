@@ -25,6 +25,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+import asyncpg
 import pymysql
 from multidict import CIMultiDict
 
@@ -332,3 +333,15 @@ def mysql_connect(url: str) -> pymysql.connections.Connection:
         database=dsn.path.lstrip("/"),
         autocommit=True,
     )
+
+
+async def pg_execute(dsn: str, *sql: str) -> list[Any]:
+    """Run statements on a PostgreSQL database, for set-up; return the last one's rows."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows: list[Any] = []
+        for statement in sql:
+            rows = await conn.fetch(statement)
+        return rows
+    finally:
+        await conn.close()

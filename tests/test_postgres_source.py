@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 
@@ -18,7 +17,7 @@ from gateway.config.kinds import KINDS
 from gateway.core.errors import ConfigError, NotFound, SourceTimeout, SourceUnavailable, Unsendable
 from gateway.core.plan import build_plans, compile_source, open_upstream
 from gateway.core.types import Call, Upstream
-from tests.support import free_port
+from tests.support import free_port, pg_execute
 from upstreams.postgresql import map_errors, positional, postgresql_source
 from upstreams.sql import SqlPoolSettings, SqlSettings
 
@@ -29,22 +28,11 @@ BY_CATEGORY = f"SELECT id, sku FROM {TABLE} WHERE category = %(category)s ORDER 
 VALUE_ID = "7d9a7a52-3f0c-4d8e-9a36-5b1f2f9e0c11"
 
 
-async def _admin(dsn: str, *sql: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows: list[asyncpg.Record] = []
-        for statement in sql:
-            rows = await conn.fetch(statement)
-        return rows
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def pg_dsn(postgres_url: str) -> str:
     """The session database with this module's tables in it."""
     asyncio.run(
-        _admin(
+        pg_execute(
             postgres_url,
             f"CREATE TABLE {TABLE} (id INT PRIMARY KEY, sku TEXT, name TEXT, category TEXT)",
             f"INSERT INTO {TABLE} VALUES "
@@ -97,7 +85,7 @@ def call(
 
 
 async def _running(dsn: str, marker: str) -> int:
-    rows = await _admin(
+    rows = await pg_execute(
         dsn,
         "SELECT count(*) AS n FROM pg_stat_activity "
         f"WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()",

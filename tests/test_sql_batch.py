@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 
@@ -24,7 +23,7 @@ from gateway.core.context import RequestContext
 from gateway.core.errors import Unsendable
 from gateway.core.plan import build_plan, compile_source, open_upstream
 from gateway.core.types import JSON, Call, Upstream
-from tests.support import mysql_connect
+from tests.support import mysql_connect, pg_execute
 
 TABLE = "sqlbatch_items"
 ROWS = [
@@ -70,23 +69,14 @@ def mariadb_dsn(mysql_url: str) -> Iterator[str]:
         conn.close()
 
 
-async def _pg(dsn: str, *sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in sql:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def postgres_dsn(postgres_url: str) -> Iterator[str]:
     """The session PostgreSQL database with this module's table in it."""
-    asyncio.run(_pg(postgres_url, CREATE, f"INSERT INTO {TABLE} VALUES {_insert_values()}"))
+    asyncio.run(pg_execute(postgres_url, CREATE, f"INSERT INTO {TABLE} VALUES {_insert_values()}"))
     try:
         yield postgres_url
     finally:
-        asyncio.run(_pg(postgres_url, f"DROP TABLE IF EXISTS {TABLE}"))
+        asyncio.run(pg_execute(postgres_url, f"DROP TABLE IF EXISTS {TABLE}"))
 
 
 @pytest.fixture

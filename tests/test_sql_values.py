@@ -21,7 +21,7 @@ from gateway.config import loader as config
 from gateway.config.kinds import KINDS
 from gateway.core.errors import BadPayload, ConfigError
 from gateway.core.types import Call, Upstream
-from tests.support import mysql_connect
+from tests.support import mysql_connect, pg_execute
 from upstreams.sql import SqlPoolSettings, SqlSettings
 
 MANY = 100_000
@@ -188,15 +188,6 @@ async def test_mysql_unbuffered_reading_without_a_server_cap_still_stops(maria: 
 # --- PostgreSQL ---------------------------------------------------------------------------------
 
 
-async def _pg_admin(dsn: str, *sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in sql:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def pg(postgres_url: str) -> str:
     """The session database with json/jsonb, bytea and a 100,000-row table."""
@@ -206,7 +197,7 @@ def pg(postgres_url: str) -> str:
     )
     raws = ", ".join(f"({n}, '\\x{value.hex()}'::bytea)" for n, value in enumerate(BINARY.values()))
     asyncio.run(
-        _pg_admin(
+        pg_execute(
             postgres_url,
             "CREATE TABLE sqlval_docs (id INT PRIMARY KEY, j JSON, jb JSONB, "
             'note TEXT COLLATE "C")',
