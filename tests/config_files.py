@@ -190,3 +190,14 @@ async def wait_healthy(
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError(f"gateway at {base} not healthy within {within_s} s")
+
+
+def problems(text: str, file: str = "gw.yaml", env: Mapping[str, str] | None = None) -> list[str]:
+    """Return the located problems (`FILE:LINE: path: message`) of config text that must be
+    refused."""
+    from gateway.config import loader
+    from gateway.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        loader.loads(text, file, env or {})
+    return [str(p) for p in info.value.problems]

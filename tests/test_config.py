@@ -12,6 +12,7 @@ from gateway.config import loader as config
 from gateway.config.schema import PropagationConfig
 from gateway.config.sources import HedgeConfig
 from gateway.core.errors import ConfigError
+from tests.config_files import problems
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,12 +43,6 @@ endpoints:
         query: {category: "{product.category}"}
         fallback: null
 """
-
-
-def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        config.loads(text, "gw.yaml", env or {})
-    return [str(p) for p in info.value.problems]
 
 
 def test_shipped_gateway_yaml_is_valid_and_is_the_demo_config() -> None:

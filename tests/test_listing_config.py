@@ -13,9 +13,9 @@ import pytest
 from gateway.config import calls
 from gateway.config import loader as config
 from gateway.config.schema import BatchConfig
-from gateway.core.errors import ConfigError
 from gateway.core.plan import BatchPlan, ListingPlan, build_plans
 from gateway.core.types import Call
+from tests.config_files import problems
 from upstreams import http, postgresql
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,12 +118,6 @@ class Case:
         found = [n for n, line in enumerate(self.text.splitlines(), 1) if self.at in line]
         assert len(found) == 1, f"{self.at!r} must be on exactly one line, is on {found}"
         return found[0]
-
-
-def problems(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        config.loads(text, "gw.yaml", {})
-    return [str(p) for p in info.value.problems]
 
 
 LISTING_ITEM = 'item: "/products/{id:int}"  # item of the call listing'

@@ -9,11 +9,10 @@ import orjson
 import pytest
 
 from gateway.config import loader as config
-from gateway.core.errors import ConfigError
 from gateway.core.executor import CallResult, Composite
 from gateway.core.merge import answer
 from gateway.core.plan import build_plans
-from tests.config_files import config_text
+from tests.config_files import config_text, problems
 from tests.serving import serving_config
 
 BASE = """\
@@ -121,12 +120,6 @@ def test_a_required_failure_answers_its_error_unshaped() -> None:
         plan_of(), Composite({"product": CallResult("not_found", None, 1.0)}, "product")
     )
     assert status == 404 and orjson.loads(body)["error"]["call"] == "product"
-
-
-def problems(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        config.loads(text, "gw.yaml", {})
-    return [str(p) for p in info.value.problems]
 
 
 @pytest.mark.parametrize(

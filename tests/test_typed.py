@@ -14,10 +14,10 @@ import pytest
 
 from gateway import cli
 from gateway.config import loader
-from gateway.core.errors import ConfigError
 from gateway.core.executor import execute
 from gateway.core.plan import CallPlan, build_plans, open_upstream
 from gateway.demo.simulator import UpstreamServer, json_body
+from tests.config_files import problems
 from tests.serving import ROOT, product_view_config, serving_config
 
 PRODUCT_SCHEMA = (
@@ -49,13 +49,7 @@ endpoints:
 """
 
 
-def problems(text: str, file: str = "t.yaml") -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        loader.loads(text, file, {})
-    return [str(p) for p in info.value.problems]
-
-
-def calls(text: str, file: str = "t.yaml") -> dict[str, CallPlan]:
+def calls(text: str, file: str = "gw.yaml") -> dict[str, CallPlan]:
     plan = build_plans(loader.loads(text, file, {}).config)[0]
     return {cp.name: cp for cp in plan.calls}
 
@@ -70,7 +64,7 @@ def line_of(text: str, needle: str) -> int:
 def test_schema_and_schema_file_together_are_refused_at_the_call() -> None:
     text = config(product="        schema: {type: object}\n        schema_file: p.json")
     (found,) = problems(text)
-    assert found.startswith(f"t.yaml:{line_of(text, 'product:')}: endpoints.0.calls.product:")
+    assert found.startswith(f"gw.yaml:{line_of(text, 'product:')}: endpoints.0.calls.product:")
     assert "not both" in found
 
 
@@ -118,7 +112,7 @@ def test_an_invalid_json_schema_is_a_problem_where_it_is_written(tmp_path: Path)
     inline = config(product="        schema: {type: objekt}")
     (found,) = problems(inline)
     assert found.startswith(
-        f"t.yaml:{line_of(inline, 'schema:')}: endpoints.0.calls.product.schema"
+        f"gw.yaml:{line_of(inline, 'schema:')}: endpoints.0.calls.product.schema"
     )
     assert "not a valid JSON Schema" in found
     (tmp_path / "bad.json").write_text('{"minimum": "three"}')
@@ -138,10 +132,12 @@ def test_a_fallback_value_must_meet_the_schema_at_the_fallback_line() -> None:
     schema = "        schema: {type: object, properties: {amount: {type: number}}}\n"
     bad = config(price=schema + '        fallback: {amount: "free"}')
     (found,) = problems(bad)
-    assert found.startswith(f"t.yaml:{line_of(bad, 'fallback')}: endpoints.0.calls.price.fallback:")
+    assert found.startswith(
+        f"gw.yaml:{line_of(bad, 'fallback')}: endpoints.0.calls.price.fallback:"
+    )
     assert "['amount']" in found and "not of type" in found
     for fine in ("{amount: 0}", "null", "omit"):
-        loader.loads(config(price=schema + f"        fallback: {fine}"), "t.yaml", {})
+        loader.loads(config(price=schema + f"        fallback: {fine}"), "gw.yaml", {})
 
 
 def test_a_fallback_is_checked_against_the_schema_as_select_narrows_it() -> None:
@@ -150,13 +146,15 @@ def test_a_fallback_is_checked_against_the_schema_as_select_narrows_it() -> None
         "                 properties: {amount: {type: number}, currency: {type: string}}}\n"
         "        select: [amount]\n"
     )
-    loader.loads(config(price=schema + "        fallback: {amount: 0}"), "t.yaml", {})
+    loader.loads(config(price=schema + "        fallback: {amount: 0}"), "gw.yaml", {})
 
 
 def test_validate_without_a_schema_is_refused() -> None:
     text = config(price="        validate: true")
     (found,) = problems(text)
-    assert found.startswith(f"t.yaml:{line_of(text, 'validate')}: endpoints.0.calls.price.validate")
+    assert found.startswith(
+        f"gw.yaml:{line_of(text, 'validate')}: endpoints.0.calls.price.validate"
+    )
 
 
 # --- gateway check --strict -------------------------------------------------------------------
@@ -255,7 +253,7 @@ async def test_a_result_that_breaks_its_schema_is_the_calls_error_with_reason_sc
     async with UpstreamServer() as server:
         server.route("/products/", json_body(GOOD_PRODUCT))
         server.route("/prices/", json_body({"amount": "9.50", "currency": "EUR"}))  # a string
-        loaded = loader.loads(config(server.url, **VALIDATED), "t.yaml", {})
+        loaded = loader.loads(config(server.url, **VALIDATED), "gw.yaml", {})
         plan = build_plans(loaded.config)[0]
         upstream = await open_upstream("shop", loaded.config.sources["shop"])
         try:
@@ -275,7 +273,7 @@ async def test_a_wrong_answer_takes_the_fallback_and_a_required_one_is_a_502(
         server.route("/products/1", json_body(GOOD_PRODUCT))
         server.route("/products/2", json_body({"id": "2", "name": "Kettle"}))  # id: a string
         server.route("/prices/", json_body({"amount": "free", "currency": "EUR", "extra": 1}))
-        loaded = loader.loads(config(server.url, **VALIDATED), "t.yaml", {})
+        loaded = loader.loads(config(server.url, **VALIDATED), "gw.yaml", {})
         async with serving_config(loaded) as url:
             async with http.get(f"{url}/products/1") as resp:
                 partial = (resp.status, await resp.json())
@@ -296,7 +294,7 @@ async def test_without_validate_a_wrong_answer_passes_through() -> None:
         server.route("/products/", json_body({"id": "x"}))
         server.route("/prices/", json_body({"amount": "free"}))
         text = config(server.url, product=f"        schema: {PRODUCT_SCHEMA}")
-        loaded = loader.loads(text, "t.yaml", {})
+        loaded = loader.loads(text, "gw.yaml", {})
         plan = build_plans(loaded.config)[0]
         upstream = await open_upstream("shop", loaded.config.sources["shop"])
         try:
