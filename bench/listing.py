@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import random
 import statistics
 import sys
@@ -36,7 +35,15 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import prepend_run, tree_version  # noqa: E402
-from bench.run import JITTER_MS, LATENCY, cpu_ns, machine, process, wait_ready  # noqa: E402
+from bench.run import (  # noqa: E402
+    JITTER_MS,
+    LATENCY,
+    cpu_ns,
+    machine,
+    process,
+    simulated,
+    wait_ready,
+)
 from gateway.config.schema import BatchConfig  # noqa: E402
 from gateway.demo.catalog import seed_mysql  # noqa: E402
 from gateway.demo.simulator import SERVICES  # noqa: E402
@@ -336,26 +343,14 @@ def main() -> None:
     chunks = chunks_per_source(CONFIG, SIZE)
     asyncio.run(seed_mysql(args.mysql, CATALOG_IDS))
 
-    logs = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / f"gwbench-listing-{uuid.uuid4().hex[:8]}"
-    logs.mkdir(parents=True)
-    base = free_port(4)
-    sim_urls = {name: f"http://127.0.0.1:{base + i}" for i, name in enumerate(SERVICES)}
     port = free_port()
-    env = os.environ | {
-        "CATALOG_DSN": args.mysql,
-        "BENCH_CACHE_URL": "memory://",
-        "BENCH_CACHE_PREFIX": f"gwbench-listing:{uuid.uuid4().hex[:8]}:",
-        "PYTHONUNBUFFERED": "1",
-        **{f"{name.upper()}_URL": url for name, url in sim_urls.items()},
-    }
-    python = sys.executable
-    sim_argv = [python, "-m", "gateway.demo.simulator", "--port-base", str(base)]
-    gw_argv = [python, "-m", "gateway", "serve", "--config", str(CONFIG), "--port", str(port)]
-    gw_argv += ["--workers", "1"]
+    gw_argv = [sys.executable, "-m", "gateway", "serve", "--config", str(CONFIG)]
+    gw_argv += ["--port", str(port), "--workers", "1"]
     started = time.monotonic()
     load_before = Path("/proc/loadavg").read_text().split()[0]
-    with process("simulator", sim_argv, env, logs) as sim_pid:
-        wait_ready(f"{sim_urls['recs']}/_stats", sim_pid, logs / "simulator.log")
+    prefix = f"gwbench-listing:{uuid.uuid4().hex[:8]}:"
+    cache = {"BENCH_CACHE_URL": "memory://", "BENCH_CACHE_PREFIX": prefix}
+    with simulated("listing", args.mysql, **cache) as (logs, env, sim_urls):
         with process("gateway", gw_argv, env, logs) as pid:
             gateway = f"http://127.0.0.1:{port}"
             wait_ready(f"{gateway}/healthz", pid, logs / "gateway.log")

@@ -144,6 +144,29 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+@contextmanager
+def simulated(
+    name: str, mysql: str, **extra: str
+) -> Iterator[tuple[Path, dict[str, str], dict[str, str]]]:
+    """Start the simulated services on free loopback ports for one bench run and wait until they
+    answer; yield its log directory (under `BENCH_LOG_DIR`, default /tmp), the environment that
+    points a gateway at them and at the catalog `mysql` (plus `extra`), and their URLs."""
+    logs = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / f"gwbench-{name}-{uuid.uuid4().hex[:8]}"
+    logs.mkdir(parents=True)
+    base = free_port(4)
+    sim_urls = {service: f"http://127.0.0.1:{base + i}" for i, service in enumerate(SERVICES)}
+    env = os.environ | {
+        "CATALOG_DSN": mysql,
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+        **{f"{service.upper()}_URL": url for service, url in sim_urls.items()},
+    }
+    argv = [sys.executable, "-m", "gateway.demo.simulator", "--port-base", str(base)]
+    with process("simulator", argv, env, logs) as sim_pid:
+        wait_ready(f"{sim_urls['recs']}/_stats", sim_pid, logs / "simulator.log")
+        yield logs, env, sim_urls
+
+
 def _tree(pid: int) -> Iterator[int]:
     yield pid
     for task in Path(f"/proc/{pid}/task").glob("*"):

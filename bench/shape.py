@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,13 +31,13 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import prepend_run, tree_version  # noqa: E402
-from bench.run import cpu_ns, machine, process, wait_ready  # noqa: E402
+from bench.run import cpu_ns, machine, process, simulated, wait_ready  # noqa: E402
 from gateway.config import loader  # noqa: E402
 from gateway.core.executor import CallResult, Composite  # noqa: E402
 from gateway.core.merge import answer  # noqa: E402
 from gateway.core.plan import build_plans  # noqa: E402
 from gateway.demo.catalog import seed_mysql  # noqa: E402
-from gateway.demo.simulator import SERVICES, price_body, recs_body, reviews_body  # noqa: E402
+from gateway.demo.simulator import price_body, recs_body, reviews_body  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 CONFIG = BENCH / "gateway.shape.yaml"
@@ -149,22 +147,10 @@ def main() -> None:
     plain_us, shaped_us = shaping_us(2_000 if args.quick else 50_000)
     validate_us = validating_us(2_000 if args.quick else 50_000)
 
-    logs = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / f"gwbench-shape-{uuid.uuid4().hex[:8]}"
-    logs.mkdir(parents=True)
-    base = free_port(4)
-    sim_urls = {name: f"http://127.0.0.1:{base + i}" for i, name in enumerate(SERVICES)}
     port = free_port()
-    env = os.environ | {
-        "CATALOG_DSN": args.mysql,
-        "PYTHONUNBUFFERED": "1",
-        **{f"{name.upper()}_URL": url for name, url in sim_urls.items()},
-    }
-    python = sys.executable
-    sim_argv = [python, "-m", "gateway.demo.simulator", "--port-base", str(base)]
-    gw_argv = [python, "-m", "gateway", "serve", "--config", str(CONFIG), "--port", str(port)]
-    gw_argv += ["--workers", "1"]
-    with process("simulator", sim_argv, env, logs) as sim_pid:
-        wait_ready(f"{sim_urls['recs']}/_stats", sim_pid, logs / "simulator.log")
+    gw_argv = [sys.executable, "-m", "gateway", "serve", "--config", str(CONFIG)]
+    gw_argv += ["--port", str(port), "--workers", "1"]
+    with simulated("shape", args.mysql) as (logs, env, _):
         with process("gateway", gw_argv, env, logs) as pid:
             gateway = f"http://127.0.0.1:{port}"
             wait_ready(f"{gateway}/healthz", pid, logs / "gateway.log")

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,10 +30,9 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import prepend_run, tree_version  # noqa: E402
-from bench.run import cpu_ns, machine, process, wait_ready  # noqa: E402
+from bench.run import cpu_ns, machine, process, simulated, wait_ready  # noqa: E402
 from gateway.core.context import RequestContext, begin_trace  # noqa: E402
 from gateway.demo.catalog import seed_mysql  # noqa: E402
-from gateway.demo.simulator import SERVICES  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 CATALOG_IDS = 10_000
@@ -164,20 +161,8 @@ def main() -> None:
     asyncio.run(seed_mysql(args.mysql, CATALOG_IDS))
     plain_us, parent_us = begin_trace_us(5_000 if args.quick else 200_000)
 
-    logs = Path(os.environ.get("BENCH_LOG_DIR", "/tmp")) / f"gwbench-tracing-{uuid.uuid4().hex[:8]}"
-    logs.mkdir(parents=True)
-    base = free_port(4)
-    sim_urls = {name: f"http://127.0.0.1:{base + i}" for i, name in enumerate(SERVICES)}
-    env = os.environ | {
-        "CATALOG_DSN": args.mysql,
-        "REDIS_URL": "memory://",
-        "PYTHONUNBUFFERED": "1",
-        "GATEWAY_LOG_LEVEL": "warning",
-        **{f"{name.upper()}_URL": url for name, url in sim_urls.items()},
-    }
-    sim_argv = [sys.executable, "-m", "gateway.demo.simulator", "--port-base", str(base)]
-    with process("simulator", sim_argv, env, logs) as sim_pid:
-        wait_ready(f"{sim_urls['recs']}/_stats", sim_pid, logs / "simulator.log")
+    extra = {"REDIS_URL": "memory://", "GATEWAY_LOG_LEVEL": "warning"}
+    with simulated("tracing", args.mysql, **extra) as (logs, env, _):
         off, on, got = asyncio.run(both(env, logs, blocks, per_block))
     if not got["exports"]:
         raise SystemExit("the OTLP receiver got nothing: tracing did not export")
